@@ -1,0 +1,88 @@
+"""Input formats of the ingest stage: a stream of (source_row, record) with `read` counted.
+
+- jsonl: read as bytes line by line and decoded strictly as UTF-8, so one bad line costs one record
+  (undecodable_bytes, malformed_json, not_object go to the ledger); blank lines are skipped and
+  counted as `blank_lines`, not as read. source_row = 0-based line number (blank lines included).
+- parquet: row batches of a Parquet file; hf_disk: a `datasets.save_to_disk` directory (a
+  DatasetDict only with exactly one split). source_row = 0-based row index.
+Only one batch of rows is ever decoded to Python objects at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.stage import ParamsError, StageLedger
+
+BATCH_ROWS = 4096  # Parquet / Arrow rows decoded to Python at a time
+
+
+def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
+    """(0-based line number, record); each line is decoded on its own so one bad line costs one record."""
+    with open(path, "rb") as handle:
+        for row, line in enumerate(handle):
+            if row == 0:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not line.strip():
+                ledger.extra["blank_lines"] += 1
+                continue
+            ledger.count_read()
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                as_text = line.decode("utf-8", "backslashreplace").rstrip("\r\n")
+                ledger.reject("undecodable_bytes", f"not UTF-8: {err}", source_row=row, record=as_text)
+                continue
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError) as err:
+                ledger.reject("malformed_json", f"not JSON: {err}", source_row=row, record=text.rstrip("\r\n"))
+                continue
+            if not isinstance(record, dict):
+                ledger.reject("not_object", f"a JSON {type(record).__name__}, not an object", source_row=row,
+                              record=text.rstrip("\r\n"))
+                continue
+            yield row, record
+
+
+def _arrow_records(batches: Iterator[pa.RecordBatch | pa.Table], ledger: StageLedger) -> Iterator[tuple[int, dict]]:
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            ledger.count_read()
+            yield row, record
+            row += 1
+
+
+def _hf_batches(path: Path) -> Iterator[pa.Table]:
+    import datasets  # heavy import, only for this format
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if len(dataset) != 1:
+            raise ValueError(f"{path} holds splits {list(dataset)}; pass --input {path}/<split>")
+        dataset = next(iter(dataset.values()))
+    return dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
+
+
+def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
+    """(source_row, record) for every JSON object of the input, in input order; see the module doc."""
+    ledger.extra["blank_lines"] = 0  # only JSONL has any; the key is there for every format
+    if not path.exists():
+        raise FileNotFoundError(f"ingest input {path} does not exist")
+    if fmt == "auto":
+        suffixes = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+        fmt = "hf_disk" if path.is_dir() else suffixes.get(path.suffix.lower(), "")
+        if not fmt:
+            raise ParamsError(f"ingest.format: cannot tell the format of {path}; set jsonl, parquet or hf_disk")
+    if fmt == "jsonl":
+        return _jsonl_records(path, ledger)
+    if fmt == "parquet":
+        return _arrow_records(pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS), ledger)
+    return _arrow_records(_hf_batches(path), ledger)
