@@ -1,0 +1,250 @@
+"""Stage `select`: rank scored traces and write the top subsets, ready for SFT.
+
+    python -m tasks.select --sample-scores outputs/aggregate/sample_scores.parquet \
+        --segments outputs/segment/segments.parquet --out-dir outputs/select
+
+Ranking: score descending, ties broken by sha256(id), so the order never depends on input order.
+Fraction subsets keep max(1, round_half_up(fraction * n)) traces, with the fraction taken as
+written in params.yaml (0.05 * 1770 = 88.5 -> 89). A token-budget subset is a prefix of the
+ranking: it stops at the first trace whose response tokens would overflow the budget, so every
+kept trace outranks every dropped one (packing shorter traces past that point would select by
+length, not by score). With `stratify_by`, each stratum gets its share of every subset
+(largest-remainder counts; a budget split by the strata's trace counts) and is filled best-first.
+
+Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet and
+manifest.json (also the DVC metrics file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
+
+MISSING_STRATUM = "<missing>"
+SUBSET_FILES = ("subset.jsonl", "ids.txt")
+RANKING_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = best
+        pa.field("selected_in", pa.list_(pa.string()), nullable=False),  # subset names holding this trace
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # one subset per fraction of the scored traces
+    token_budget: int | None = None  # also one subset whose response tokens fit this budget
+    stratify_by: str | None = None  # a field of the input record; each stratum keeps its share
+
+    def check(self) -> None:
+        for fraction in self.fractions:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ParamsError(f"select.fractions: {fraction!r} is not a number in (0, 1]")
+        names = [fraction_subset_name(f) for f in self.fractions]
+        if len(set(names)) != len(names):
+            raise ParamsError(f"select.fractions: {list(self.fractions)} gives repeated subset names {names}")
+        if self.token_budget is not None and (
+            isinstance(self.token_budget, bool) or not isinstance(self.token_budget, int) or self.token_budget <= 0
+        ):
+            raise ParamsError(f"select.token_budget: {self.token_budget!r} is not a positive integer or null")
+        if not self.fractions and self.token_budget is None:
+            raise ParamsError("select.fractions is empty and select.token_budget is null: nothing to select")
+        if self.stratify_by is not None and (not isinstance(self.stratify_by, str) or not self.stratify_by):
+            raise ParamsError(f"select.stratify_by: {self.stratify_by!r} is not a field name or null")
+
+
+def fraction_subset_name(fraction: float) -> str:
+    return f"top{fraction * 100:g}pct"
+
+
+def fraction_size(fraction: float, n: int) -> int:
+    """round_half_up(fraction * n), at least 1; exact decimal arithmetic on the fraction as written."""
+    size = int((Decimal(repr(fraction)) * n).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return max(1, size)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rank_order(ids: list[str], scores: list[float]) -> list[int]:
+    """Row indices best first: score descending, then sha256(id) ascending."""
+    return sorted(range(len(ids)), key=lambda i: (-scores[i], sha256_hex(ids[i].encode("utf-8"))))
+
+
+def largest_remainder(total: int, weights: dict[str, int]) -> dict[str, int]:
+    """Split `total` in proportion to `weights`, summing exactly.
+
+    Leftover units go by largest remainder; ties to the larger stratum, then by name.
+    """
+    weight_sum = sum(weights.values())
+    quotas = {key: Fraction(total * w, weight_sum) for key, w in weights.items()}
+    counts = {key: math.floor(q) for key, q in quotas.items()}
+    by_remainder = sorted(weights, key=lambda key: (-(quotas[key] - counts[key]), -weights[key], key))
+    for key in by_remainder[: total - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
+def take_budget(ranked: list[int], n_tokens: list[int], budget: int) -> list[int]:
+    """The longest prefix of `ranked` whose response tokens fit `budget` (stop at the first overflow)."""
+    kept, used = [], 0
+    for row in ranked:
+        if used + n_tokens[row] > budget:
+            break
+        kept.append(row)
+        used += n_tokens[row]
+    return kept
+
+
+def stratum_of(raw: str, field: str) -> str:
+    """The stratum key of one input record; an absent or null field is MISSING_STRATUM."""
+    value = json.loads(raw).get(field)
+    if value is None:
+        return MISSING_STRATUM
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def read_scores(sample_scores: Path) -> tuple[dict[str, list], str]:
+    """The scored traces as columns, refusing what cannot be ranked; plus their one score method."""
+    scores = pq.read_table(sample_scores, columns=["id", "score", "method", "n_tokens"]).to_pydict()
+    ids = scores["id"]
+    if not ids:
+        raise ValueError(f"select: {sample_scores} holds no scored traces")
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"select: {sample_scores} repeats ids {duplicates[:5]}")
+    not_finite = [i for i, s in zip(ids, scores["score"]) if not math.isfinite(s)]
+    if not_finite:
+        raise ValueError(f"select: {len(not_finite)} traces have a non-finite score (e.g. {not_finite[:5]}); "
+                         "fix aggregate")
+    methods = sorted(set(scores["method"]))
+    if len(methods) != 1:
+        raise ValueError(f"select: {sample_scores} mixes score methods {methods}")
+    return scores, methods[0]
+
+
+def pick_subsets(strata: dict[str, list[int]], n_tokens: list[int],
+                 params: Params) -> dict[str, tuple[dict, list[int]]]:
+    """name -> (its manifest spec, its rows); every stratum list is in rank order."""
+    sizes = {key: len(rows) for key, rows in strata.items()}
+    n = sum(sizes.values())
+    picks = {}
+    for fraction in params.fractions:
+        quota = largest_remainder(fraction_size(fraction, n), sizes)
+        rows = [row for key, ranked in strata.items() for row in ranked[: quota[key]]]
+        picks[fraction_subset_name(fraction)] = ({"fraction": fraction}, rows)
+    if params.token_budget is not None:
+        # Integer floor per stratum, so the strata's budgets never add up past the total.
+        rows = [row for key, ranked in strata.items()
+                for row in take_budget(ranked, n_tokens, params.token_budget * sizes[key] // n)]
+        picks[f"budget{params.token_budget}tok"] = ({"token_budget": params.token_budget}, rows)
+    return picks
+
+
+def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) -> dict:
+    """subset.jsonl (the input records, one JSON line each) and ids.txt, in rank order; their hashes."""
+    missing = [i for i in chosen if i not in raw_by_id]
+    if missing:
+        raise ValueError(f"select: {directory.name}: {len(missing)} selected ids are not in segments: {missing[:5]}")
+    if any("\n" in i or "\r" in i for i in chosen):
+        raise ValueError(f"select: {directory.name}: an id contains a line break, which ids.txt cannot hold")
+    jsonl = "".join(json.dumps(json.loads(raw_by_id[i]), ensure_ascii=False) + "\n" for i in chosen)
+    ids_txt = "".join(i + "\n" for i in chosen)
+    atomic_write_text(directory / "subset.jsonl", jsonl)
+    atomic_write_text(directory / "ids.txt", ids_txt)
+    return {"sha256_subset_jsonl": sha256_hex(jsonl.encode("utf-8")),
+            "sha256_ids_txt": sha256_hex(ids_txt.encode("utf-8"))}
+
+
+def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -> dict:
+    """Rank traces by score and write the top-fraction and token-budget subsets."""
+    scores, method = read_scores(sample_scores)
+    ids, n = scores["id"], len(scores["id"])
+    segment_table = pq.read_table(segments, columns=["id", "raw"]).to_pydict()
+    raw_by_id = dict(zip(segment_table["id"], segment_table["raw"]))
+
+    ranked = rank_order(ids, scores["score"])
+    strata: dict[str, list[int]] = {"all": ranked}
+    if params.stratify_by is not None:
+        missing = [i for i in ids if i not in raw_by_id]
+        if missing:
+            raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in {segments}: {missing[:5]}")
+        strata = {}
+        for row in ranked:  # each stratum's list stays in rank order
+            strata.setdefault(stratum_of(raw_by_id[ids[row]], params.stratify_by), []).append(row)
+
+    rank_of = {row: position for position, row in enumerate(ranked)}
+    subsets_dir = out_dir / "subsets"
+    manifest_subsets, selected_in = {}, {row: [] for row in ranked}
+    for name, (spec, rows) in pick_subsets(strata, scores["n_tokens"], params).items():
+        rows = sorted(rows, key=rank_of.__getitem__)
+        chosen = [ids[row] for row in rows]
+        entry = {
+            **spec,
+            **write_subset(subsets_dir / name, chosen, raw_by_id),
+            "n_selected": len(rows),
+            "n_total": n,
+            "n_tokens": sum(scores["n_tokens"][row] for row in rows),
+            "score_threshold": scores["score"][rows[-1]] if rows else None,  # lowest kept score
+            "method": method,
+        }
+        if params.stratify_by is not None:
+            strata_counts = Counter(stratum_of(raw_by_id[i], params.stratify_by) for i in chosen)
+            entry["strata"] = dict(sorted(strata_counts.items()))
+        manifest_subsets[name] = entry
+        for row in rows:
+            selected_in[row].append(name)
+    for stale in subsets_dir.iterdir():  # a subset of earlier params would pass for a current one
+        if (stale.is_dir() and stale.name not in manifest_subsets
+                and {p.name for p in stale.iterdir()} <= set(SUBSET_FILES)):
+            shutil.rmtree(stale)
+
+    ranking = {
+        "id": [ids[row] for row in ranked],
+        "score": [scores["score"][row] for row in ranked],
+        "rank": list(range(1, n + 1)),
+        "selected_in": [selected_in[row] for row in ranked],
+    }
+    write_parquet(subsets_dir / "ranking.parquet", pa.table(ranking, schema=RANKING_SCHEMA))
+    manifest = {
+        "n_scored": n,
+        "method": method,
+        "stratify_by": params.stratify_by,
+        "n_selected": {name: entry["n_selected"] for name, entry in manifest_subsets.items()},
+        "subsets": manifest_subsets,
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_stage(
+        "select",
+        Params,
+        [
+            ("sample_scores", "aggregate's sample_scores.parquet"),
+            ("segments", "segment's segments.parquet (the raw input records)"),
+            ("out_dir", "where subsets/ and manifest.json go"),
+        ],
+        select,
+        argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
