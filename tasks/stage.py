@@ -88,6 +88,13 @@ def run_stage(
 
 
 # ---- atomic writes: a crash never leaves a half-written artifact under its final name ----------
+def _umask_mode() -> int:
+    """The mode a plain open() would give a new file: mkstemp's 0600 would hide shared artifacts."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +104,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -119,6 +127,7 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp_name, compression="zstd", write_statistics=True, store_schema=True)
+        os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
