@@ -91,7 +91,8 @@ def run_checkpoint(suites: list, staging: Path, docs_dir: Path | None) -> dict[s
     if docs_dir is not None:
         sites[DOCS_SITE] = {
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            # absolute: great-expectations refuses a relative base_directory (dvc.yaml passes relative paths)
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         }
     config = DataContextConfig(

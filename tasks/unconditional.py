@@ -1,0 +1,99 @@
+"""Stage `unconditional`: the response's loss without its question, for the IFD baseline.
+
+    python -m tasks.unconditional --segments outputs/segment/segments.parquet --model outputs/model \
+        --out-dir outputs/unconditional
+
+IFD (instruction-following difficulty, Cherry-LLM, Li et al. 2024) = the mean response-token loss
+given the question / the mean response-token loss without it; score.method=ifd keeps the highest
+first (tasks/baselines.py). Extract already has the numerator (span_loss_sums / span_token_counts);
+this stage runs one forward pass over each response alone for the denominator.
+
+"Without the question": the input is built exactly as extract builds it (tasks.spans, the same
+chat_template and max_length, read from the `extract` params section so the two cannot drift),
+with an empty prompt: under a chat template the response is the assistant turn of a chat with no
+user turn (whatever the template adds on its own, e.g. SmolLM2's default system prompt, stays);
+without one it follows a newline (and BOS where the tokenizer adds it). The scored tokens are the
+same response tokens, in the same spans, as extract's. Losses come from the same ProxyModel
+forward pass as extract's, so both sides share numerics.
+
+Outputs: losses.parquet (UNCONDITIONAL_SCHEMA, one row per trace, sorted by id), quarantine.jsonl,
+stats.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.extract import Params, pack_batches
+from tasks.proxy import ProxyModel, resolve_device
+from tasks.spans import EncodedTrace, encode_traces, trace_spans
+from tasks.stage import StageLedger, run_stage, write_parquet
+
+UNCONDITIONAL_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),  # response loss tokens (steps + answer)
+        pa.field("loss_sum", pa.float64(), nullable=False),  # sum of their NLL without the question
+        pa.field("mean_loss", pa.float64(), nullable=False),  # loss_sum / n_tokens
+    ]
+)
+NO_PROMPT = "[]"  # prompt_messages of a chat with no turn before the response
+
+
+def read_losses(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=UNCONDITIONAL_SCHEMA)
+
+
+def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
+    """Mean response loss of every segmented trace without its question: losses.parquet, stats.json."""
+    started = time.perf_counter()
+    ledger = StageLedger("unconditional")
+    rows = pq.read_table(segments, columns=["id", "source_row", "scored_response", "step_starts", "step_ends",
+                                            "answer_start", "answer_end"]).to_pylist()
+    ledger.count_read(len(rows))
+    proxy_model = ProxyModel(Path(model), resolve_device(params.device))
+    encodings = encode_traces(proxy_model.tokenizer, [
+        (NO_PROMPT, row["scored_response"],
+         trace_spans(row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"]))
+        for row in rows], chat_template=params.chat_template,
+        max_length=params.max_length or proxy_model.context_length)
+    encoded = {i: e for i, e in enumerate(encodings) if isinstance(e, EncodedTrace)}
+    for row, encoding in zip(rows, encodings):
+        if not isinstance(encoding, EncodedTrace):
+            ledger.reject(encoding.reason, encoding.detail, id=row["id"], source_row=row["source_row"],
+                          record=row["scored_response"])
+    order = list(encoded)
+    losses: dict[int, float] = {}
+    for batch in pack_batches([len(encoded[i].input_ids) for i in order], params.batch_tokens):
+        indices = [order[b] for b in batch]
+        numbers = proxy_model.launch([encoded[i] for i in indices], head_variant=False).collect()
+        losses.update((i, float(n.span_loss_sums.sum())) for i, n in zip(indices, numbers))
+    ledger.keep(len(encoded))
+    kept = sorted(encoded)
+    n_tokens = np.array([int(encoded[i].span_token_counts.sum()) for i in kept], dtype=np.int32)
+    loss_sum = np.array([losses[i] for i in kept], dtype=np.float64)
+    table = pa.Table.from_arrays(
+        [pa.array([rows[i]["id"] for i in kept], pa.string()), pa.array(n_tokens), pa.array(loss_sum),
+         pa.array(loss_sum / np.maximum(n_tokens, 1))], schema=UNCONDITIONAL_SCHEMA).sort_by("id")
+    write_parquet(Path(out_dir) / "losses.parquet", table)
+    ledger.extra.update(loss_tokens=int(n_tokens.sum()),
+                        mean_loss=round(float(loss_sum.sum() / max(n_tokens.sum(), 1)), 6),
+                        seconds=round(time.perf_counter() - started, 3))
+    return ledger.write(Path(out_dir) / "stats.json", Path(out_dir) / "quarantine.jsonl")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # The `extract` section, not one of its own: chat_template and max_length must be extract's.
+    return run_stage("extract", Params, [("segments", "segments.parquet from the segment stage"),
+                                         ("model", "model directory from the model stage"),
+                                         ("out_dir", "directory for losses.parquet, quarantine.jsonl, stats.json")],
+                     unconditional, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The curate flow end to end on eight tiny GSM rows (four bad in some way) and the tiny BPE model.
+
+Each run happens in its own directory with relative paths, as `python -m flows.curate` would run,
+against the session's throwaway Prefect API (tests/flows/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                            FlowRunFilterId, FlowRunFilterParentFlowRunId)
+from prefect.states import Failed
+from prefect_dask import DaskTaskRunner
+
+import tasks.extract
+from flows.curate import (SUMMARY_ARTIFACT_KEY, curate, dask_task_runner, ingest_task, model_task, score_task,
+                          segment_task, stage_paths, summary_markdown, validation_report)
+from tasks.validate import ExpectationsFailed
+from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
+
+STAGES = ["ingest", "segment", "model", "extract", "score", "unconditional", "aggregate", "select", "validate",
+          "export", "report"]
+COUNTED = ["ingest", "segment", "extract", "score", "unconditional", "aggregate", "export", "report"]
+
+
+def run_curate(root: Path):
+    """curate() with its default (relative) paths, from `root`; returns the flow's final state."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        return curate(return_state=True)
+
+
+@pytest.fixture(scope="module")
+def in_process_run(prefect_api, tmp_path_factory, tiny_model_dir):
+    """One flow run extracting in process: (workspace, final state)."""
+    root = write_workspace(tmp_path_factory.mktemp("curate_in_process"), tiny_model_dir)
+    return root, run_curate(root)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
+    root, state = in_process_run
+    assert state.is_completed(), state
+    summary = state.result()
+    outputs = root / "outputs"
+    stats = {stage: read_json(outputs / stage / "stats.json") for stage in COUNTED}
+
+    # The summary carries what each stage wrote; read = kept + quarantined, quarantine files agree.
+    assert list(summary["stages"]) == STAGES
+    for stage, on_disk in stats.items():
+        assert summary["stages"][stage] == on_disk
+        assert on_disk["read"] == on_disk["kept"] + on_disk["quarantined"]
+    for stage in ["ingest", "segment", "extract", "unconditional", "export", "report"]:
+        lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == stats[stage]["quarantined"]
+    assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
+            "quarantined_no_answer": 1}.items() <= stats["ingest"].items()
+    assert (stats["segment"]["read"], stats["segment"]["kept"], stats["segment"]["quarantined_no_steps"]) == (5, 4, 1)
+
+    # Each stage reads what the one before it kept, and its table holds that many traces.
+    assert pq.read_metadata(outputs / "ingest" / "traces.parquet").num_rows == 5
+    assert pq.read_metadata(outputs / "segment" / "segments.parquet").num_rows == 4
+    assert stats["extract"]["read"] == 4 and stats["extract"]["shards"] == 2
+    assert sorted(p.name for p in (outputs / "extract" / "shards").glob("*.parquet")) == [
+        "part-00000.parquet", "part-00001.parquet"]
+    assert tasks.extract.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
+    assert stats["score"]["read"] == stats["extract"]["kept"]
+    assert stats["unconditional"]["read"] == stats["segment"]["kept"]
+    n_scored = pq.read_metadata(outputs / "aggregate" / "sample_scores.parquet").num_rows
+    assert n_scored == stats["score"]["kept"] == 4
+    assert read_json(outputs / "model" / "model_info.json")["identity"] == summary["stages"]["model"]["identity"]
+
+    # Subsets: sizes in the summary, the manifest and the files agree.
+    manifest = read_json(outputs / "select" / "manifest.json")
+    assert summary["subsets"] == manifest["n_selected"] == {"top50pct": 2, "top100pct": 4, "budget100000tok": 4}
+    for name, size in manifest["n_selected"].items():
+        subset = outputs / "select" / "subsets" / name
+        assert len((subset / "ids.txt").read_text().splitlines()) == size
+        assert len((subset / "subset.jsonl").read_text().splitlines()) == size
+
+    results = read_json(outputs / "validate" / "results.json")
+    assert results["success"] is True and summary["stages"]["validate"] == results
+    assert (outputs / "validate" / "data_docs" / "index.html").is_file()
+
+
+def test_flow_publishes_markdown_summary(in_process_run):
+    root, state = in_process_run
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    [artifact] = [a for a in artifacts if a.key == SUMMARY_ARTIFACT_KEY]
+    assert artifact.type == "markdown"
+    markdown = artifact.data
+    assert markdown == summary_markdown(state.result())
+    assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_answer: 1 |" in markdown
+    assert "| segment | 5 | 4 | 1 | no_steps: 1 |" in markdown
+    top50 = read_json(root / "outputs" / "select" / "manifest.json")["subsets"]["top50pct"]
+    tokens, threshold = top50["n_tokens"], top50["score_threshold"]
+    assert f"| top50pct | top 50% of traces | 2 | {tokens} | {threshold:.4g} |" in markdown
+    assert "| budget100000tok | token budget 100000 | 4 |" in markdown
+    assert "## Validation: passed" in markdown
+    assert f"Scoring model: {state.result()['stages']['model']['source']} (identity " in markdown
+
+
+def test_dask_two_workers_identical(prefect_api, in_process_run, tmp_path, tiny_model_dir):
+    """extract.workers: 2 maps the shards over a two-worker Dask LocalCluster: same files as in process."""
+    root = write_workspace(tmp_path / "dask", tiny_model_dir, workers=2)
+    models_loaded_here = tasks.extract.load_model.cache_info().misses
+    state = run_curate(root)
+    assert state.is_completed(), state
+    assert tasks.extract.load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
+    extract_stats = read_json(root / "outputs" / "extract" / "stats.json")
+    assert (extract_stats["shards"], extract_stats["traces_computed"]) == (2, 4)  # computed, not skipped
+
+    with get_client(sync_client=True) as client:
+        [subflow] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[subflow.id])))
+    shard_runs = [run for run in task_runs if run.name.startswith("extract-shard")]
+    assert len(shard_runs) == 2 and all(run.state.is_completed() for run in shard_runs)
+
+    assert_same_artifacts(in_process_run[0] / "outputs", root / "outputs")
+
+
+def test_tasks_run_the_stage_functions(tmp_path, tiny_model_dir):
+    """task.fn() is the stage call itself: params from the file, paths as given."""
+    root = write_workspace(tmp_path, tiny_model_dir)
+    params = root / "params.yaml"
+    ingest_stats = ingest_task.fn(root / "data" / "gsm_noisy" / "pool.jsonl", tmp_path / "ingest", params)
+    assert (ingest_stats["read"], ingest_stats["kept"]) == (8, 5)
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "ingest" / "quarantine.jsonl").open()]
+    assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_answer"]
+
+    # The section is read from the file: a changed setting changes what the stage does.
+    document = yaml.safe_load(params.read_text())
+    document["segment"]["strategy"] = "paragraph"  # no blank lines: every trace is one step
+    params.write_text(yaml.safe_dump(document))
+    segment_stats = segment_task.fn(tmp_path / "ingest" / "traces.parquet", tmp_path / "segment", params)
+    assert segment_stats["strategy"] == "paragraph" and segment_stats["steps_total"] == segment_stats["kept"] == 4
+
+
+def test_retries_only_where_a_retry_helps():
+    assert ingest_task.retries > 0 and model_task.retries > 0  # input on a network mount; package index / hub
+    assert segment_task.retries == 0 and score_task.retries == 0  # deterministic compute fails the same way twice
+
+
+def test_stage_paths_are_dvc_yaml_paths():
+    """The flow passes each core function exactly the paths dvc.yaml's command passes its CLI."""
+    dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert list(dvc_stages) == STAGES
+    for stage, paths in stage_paths("data/gsm_noisy/pool.jsonl", "outputs").items():
+        argv = shlex.split(dvc_stages[stage]["cmd"])
+        assert argv[:3] == ["python", "-m", f"tasks.{stage}"]
+        flags = dict(zip(argv[3::2], argv[4::2]))
+        assert flags == {f"--{name.replace('_', '-')}": path.as_posix() for name, path in paths.items()}, stage
+
+
+def test_dask_runner_follows_extract_params():
+    assert dask_task_runner(tasks.extract.Params()) is None
+    local = dask_task_runner(tasks.extract.Params(workers=3))
+    assert isinstance(local, DaskTaskRunner) and local.address is None
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
+    remote = dask_task_runner(tasks.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
+
+
+def test_failed_validation_still_reported(tmp_path):
+    report = {"success": False, "n_suites": 1, "n_expectations": 3, "n_failed": 1, "suites": {"ids": {
+        "success": False, "n_expectations": 3, "n_failed": 1,
+        "failed": [{"expectation": "expect_column_values_to_be_unique", "column": "id", "observed": 2}]}}}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    assert validation_report(Failed(data=ExpectationsFailed("1 failed")), tmp_path) == report
+    crashed = validation_report(Failed(data=FileNotFoundError("outputs/score missing")), tmp_path / "none")
+    assert crashed == {"success": False, "error": "FileNotFoundError: outputs/score missing"}
+
+    markdown = summary_markdown({"stages": {"validate": report}})
+    assert "## Validation: FAILED" in markdown and "3 expectations in 1 suites, 1 failed." in markdown
+    assert "- ids: expect_column_values_to_be_unique [id] observed 2" in markdown
+    assert "FileNotFoundError: outputs/score missing" in summary_markdown({"stages": {"validate": crashed}})
