@@ -1,0 +1,387 @@
+"""Stage 4, extract: per-span losses and gradient-proxy Gram matrices of every trace (METHOD.md 3-4).
+
+    python -m tasks.extract --segments outputs/segment/segments.parquet --model outputs/model --out-dir outputs/extract
+
+Traces, in segments order, are cut into shards of `shard_size`; each shard is one unit of work
+(plan_shards -> extract_shard per shard, in process or mapped over Dask by the Prefect flow ->
+finalize). A finished shard is shards/part-NNNNN.parquet (EXTRACT_SCHEMA, segments order), its
+part-NNNNN.quarantine.jsonl and, written last, a part-NNNNN.done marker holding the shard's
+fingerprint (trace ids, trace keys) and the sha256 of both files. A rerun skips shards whose marker
+matches, so a run killed at any moment finishes only what is missing, with the same bytes.
+
+DVC deletes outs before it reruns a stage, so resume across `dvc repro` runs and reuse across
+corpora rely on the per-trace cache (cache_dir, outside the DVC outs): a trace's key is the sha256 of
+the model identity, the parameters that change its numbers (max_length, chat_template, head_variant,
+device precision) and the trace content (content_hash, scored_response, spans). Each computed shard
+adds one pack file of results (quarantine outcomes included) named by its fingerprint: a few
+thousand files for a million traces instead of a million tiny ones, written without contention by
+parallel workers, found through an in-memory key index built from the packs' key columns. A cached
+number was computed in the batch of its first run; batch composition moves only float rounding (so
+shards run in parallel by Dask may compute a duplicated trace twice, equal up to that rounding).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
+from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
+from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
+from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
+
+CACHE_VERSION = "extract-v1"  # bump when the meaning of the numbers extract writes changes
+SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
+                   "step_ends", "answer_start", "answer_end"]
+NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_tokens_truncated
+PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("reason", pa.string()),
+                         pa.field("detail", pa.string())]
+                        + [EXTRACT_SCHEMA.field(name).with_nullable(True) for name in NUMBER_COLUMNS])
+
+
+@dataclass(frozen=True)
+class Params:
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
+    batch_tokens: int = 8192  # padded tokens per forward batch: more = faster, more memory
+    max_length: int | None = None  # null = the model's context length; longer traces lose prompt tokens first
+    shard_size: int = 256  # traces per output shard: the unit of resume, caching and Dask work
+    head_variant: bool = True  # also compute the exact LM-head Gram (METHOD.md 3, "head")
+    chat_template: bool = True  # wrap prompt and response in the tokenizer's chat template when it has one
+    cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
+    workers: int = 0  # 0 = in process; N = Dask LocalCluster of N workers (Prefect flow only)
+    scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
+
+    def check(self) -> None:
+        for name in ("batch_tokens", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"extract.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ParamsError(f"extract.max_length must be null or at least 2, got {self.max_length}")
+        if self.workers < 0:
+            raise ParamsError(f"extract.workers must be 0 or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: segments rows [start, stop), their cache keys and the shard fingerprint."""
+
+    index: int
+    start: int
+    stop: int
+    keys: tuple[str, ...]
+    fingerprint: str
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class ShardRun:
+    """What extract_shard did: the shard's path and run counters (not part of the output bytes)."""
+
+    path: Path
+    skipped: bool = False
+    computed: int = 0  # traces encoded (and run through the model unless quarantined)
+    cached: int = 0  # traces served by the cache
+    real_tokens: int = 0  # tokens fed to the model
+    padded_tokens: int = 0  # batch slots including right padding
+    batches: int = 0
+    seconds: float = 0.0  # model time: first launch to last result
+    prepare_seconds: float = 0.0  # reading, cache lookup, tokenization
+
+
+def _sha256(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _read_segments(path: str, mtime_ns: int) -> pa.Table:
+    return pq.read_table(path, columns=SEGMENT_COLUMNS)
+
+
+def _segments(segments: Path | pa.Table) -> pa.Table:
+    if isinstance(segments, pa.Table):
+        return segments
+    return _read_segments(str(segments), Path(segments).stat().st_mtime_ns)
+
+
+def plan_shards(segments: Path | pa.Table, params: Params, model: Path) -> list[ShardSpec]:
+    """Cut the segments table into shards and key every trace (model identity, numeric params, content)."""
+    table = _segments(segments)
+    device = resolve_device(params.device)
+    numerics = {"max_length": params.max_length, "chat_template": params.chat_template,
+                "head_variant": params.head_variant, "precision": precision(device)}
+    head = [CACHE_VERSION, model_identity(model), numerics]
+    rows = table.select(["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start",
+                         "answer_end"]).to_pylist()
+    keys = [_sha256(head + [row["content_hash"], row["scored_response"],
+                            trace_spans(row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])])
+            for row in rows]
+    specs = []
+    for index, start in enumerate(range(0, len(rows), params.shard_size)):
+        stop = min(start + params.shard_size, len(rows))
+        ids = [row["id"] for row in rows[start:stop]]
+        specs.append(ShardSpec(index, start, stop, tuple(keys[start:stop]),
+                               _sha256([CACHE_VERSION, ids, keys[start:stop]]), device))
+    return specs
+
+
+class PackCache:
+    """Per-trace results in pack files (one per computed shard), found through an index of their keys."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.where, self.indexed = root, {}, set()
+        self.lock = threading.Lock()  # the prefetch thread and the main thread both look up
+
+    def get(self, keys) -> dict[str, dict]:
+        with self.lock:
+            for pack in sorted(self.root.glob("*.parquet")):
+                if pack.name not in self.indexed:
+                    self.indexed.add(pack.name)
+                    for key in pq.read_table(pack, columns=["key"]).column("key").to_pylist():
+                        self.where.setdefault(key, pack)
+            wanted = set(keys)
+            packs = sorted({self.where[key] for key in wanted if key in self.where})
+        found: dict[str, dict] = {}
+        for pack in packs:
+            found.update((row["key"], row) for row in pq.read_table(pack).to_pylist() if row["key"] in wanted)
+        return found
+
+    def put(self, name: str, rows: list[dict]) -> None:
+        if rows:
+            write_parquet(self.root / f"{name}.parquet", pa.Table.from_pylist(rows, schema=PACK_SCHEMA))
+
+
+@functools.lru_cache(maxsize=4)
+def _pack_cache(root: str) -> PackCache:
+    return PackCache(Path(root))
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(model: str, device: str) -> ProxyModel:
+    """The model, loaded once per process (a Dask worker keeps it across shards)."""
+    return ProxyModel(Path(model), device)
+
+
+def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, so memory peaks at once) packed to batch_tokens padded tokens."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])  # a trace longer than batch_tokens runs alone
+    return batches
+
+
+def _compute(model: ProxyModel, encoded: dict[int, EncodedTrace], params: Params, progress) -> tuple[dict, dict]:
+    """Run the encoded traces in length-sorted batches, one batch in flight while the next is built."""
+    order = list(encoded)
+    batches = [[order[i] for i in batch] for batch in pack_batches([len(encoded[i].input_ids) for i in order],
+                                                                   params.batch_tokens)]
+    numbers, pending = {}, None
+    counters = {"real_tokens": 0, "padded_tokens": 0, "batches": len(batches)}
+    started = time.perf_counter()
+    for batch in batches + [None]:
+        launched = None
+        if batch is not None:
+            traces = [encoded[i] for i in batch]
+            counters["real_tokens"] += sum(len(t.input_ids) for t in traces)
+            counters["padded_tokens"] += len(traces) * len(traces[0].input_ids)
+            launched = (batch, model.launch(traces, params.head_variant))
+        if pending is not None:
+            numbers.update(zip(pending[0], pending[1].collect()))
+            if progress is not None:
+                progress.update(len(pending[0]))
+        pending = launched
+    counters["seconds"] = time.perf_counter() - started
+    return numbers, counters
+
+
+def _number_row(trace: EncodedTrace, numbers) -> dict:
+    return {"span_token_counts": trace.span_token_counts.tolist(), "span_loss_sums": numbers.span_loss_sums.tolist(),
+            "proxy_gram": numbers.proxy_gram.ravel().tolist(),
+            "head_gram": None if numbers.head_gram is None else numbers.head_gram.ravel().tolist(),
+            "prompt_tokens": trace.prompt_tokens, "prompt_tokens_truncated": trace.prompt_tokens_truncated}
+
+
+def _marker_ok(spec: ShardSpec, shards: Path) -> bool:
+    marker = shards / f"{spec.name}.done"
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text(encoding="utf-8"))
+    files = {"parquet_sha256": shards / f"{spec.name}.parquet",
+             "quarantine_sha256": shards / f"{spec.name}.quarantine.jsonl"}
+    return recorded.get("fingerprint") == spec.fingerprint and all(
+        path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == recorded.get(name)
+        for name, path in files.items())
+
+
+@dataclass
+class _Prepared:
+    """A shard read, looked up in the cache and tokenized: everything before the model runs."""
+
+    spec: ShardSpec
+    skipped: bool
+    rows: list[dict] = field(default_factory=list)
+    outcomes: dict[str, dict] = field(default_factory=dict)  # cache key -> pack row, cached traces only
+    encodings: dict[int, EncodedTrace | SpanError] = field(default_factory=dict)  # row -> encoding, the others
+    model: ProxyModel | None = None
+    seconds: float = 0.0
+
+
+def _prepare(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_dir: Path, params: Params) -> _Prepared:
+    if _marker_ok(spec, Path(out_dir) / "shards"):
+        return _Prepared(spec, skipped=True)
+    started = time.perf_counter()
+    rows = _segments(segments).slice(spec.start, spec.stop - spec.start).to_pylist()
+    outcomes = _pack_cache(params.cache_dir).get(spec.keys) if params.cache_dir else {}
+    missing = [i for i, key in enumerate(spec.keys) if key not in outcomes]
+    if not missing:
+        return _Prepared(spec, False, rows, outcomes, seconds=time.perf_counter() - started)
+    proxy_model = load_model(str(model), spec.device)  # once per process; not counted as preparation
+    looked_up, started = time.perf_counter() - started, time.perf_counter()
+    encodings = encode_traces(proxy_model.tokenizer, [
+        (rows[i]["prompt_messages"], rows[i]["scored_response"],
+         trace_spans(rows[i]["step_starts"], rows[i]["step_ends"], rows[i]["answer_start"], rows[i]["answer_end"]))
+        for i in missing], chat_template=params.chat_template,
+        max_length=params.max_length or proxy_model.context_length)
+    return _Prepared(spec, False, rows, outcomes, dict(zip(missing, encodings)), proxy_model,
+                     looked_up + time.perf_counter() - started)
+
+
+def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm | None) -> ShardRun:
+    """Run the model on what the cache lacked, then write the shard, its quarantine, cache pack and marker."""
+    spec, shards = prepared.spec, Path(out_dir) / "shards"
+    path = shards / f"{spec.name}.parquet"
+    if prepared.skipped:
+        if progress is not None:
+            progress.update(spec.stop - spec.start)
+        return ShardRun(path, skipped=True)
+    if params.cache_dir and prepared.encodings:
+        # Look again now that every earlier shard is written: a duplicate of a trace computed there is
+        # then always taken from it, whatever the prefetch timing, so the bytes do not depend on it.
+        late = _pack_cache(params.cache_dir).get([spec.keys[i] for i in prepared.encodings])
+        prepared.outcomes.update(late)
+        prepared.encodings = {i: e for i, e in prepared.encodings.items() if spec.keys[i] not in late}
+    encoded = {i: e for i, e in prepared.encodings.items() if isinstance(e, EncodedTrace)}
+    if progress is not None:
+        progress.update(spec.stop - spec.start - len(encoded))  # the model's traces count as their batches end
+    numbers, counters = _compute(prepared.model, encoded, params, progress) if encoded else ({}, {})
+    outcomes, fresh = prepared.outcomes, []
+    for i, encoding in prepared.encodings.items():
+        outcome = {"key": spec.keys[i], "reason": None, "detail": None}
+        if isinstance(encoding, SpanError):
+            outcome.update(reason=encoding.reason, detail=encoding.detail)
+        else:
+            outcome.update(_number_row(encoding, numbers[i]))
+        fresh.append(outcome)
+        outcomes[spec.keys[i]] = outcome
+    if params.cache_dir:
+        _pack_cache(params.cache_dir).put(spec.fingerprint, fresh)
+    kept, quarantine = [], []
+    for row, key in zip(prepared.rows, spec.keys):
+        outcome = outcomes[key]
+        if outcome["reason"] is None:
+            kept.append({"id": row["id"], "content_hash": row["content_hash"], "n_steps": len(row["step_starts"]),
+                         **{name: outcome[name] for name in NUMBER_COLUMNS}})
+        else:
+            quarantine.append(QuarantineRecord("extract", outcome["reason"], outcome["detail"], id=row["id"],
+                                               source_row=row["source_row"], record=row["scored_response"]))
+    quarantine_path = shards / f"{spec.name}.quarantine.jsonl"
+    write_parquet(path, pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA))
+    atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in quarantine))
+    write_json(shards / f"{spec.name}.done", {  # last: its presence means the shard is complete
+        "fingerprint": spec.fingerprint, "read": len(prepared.rows), "kept": len(kept),
+        "loss_tokens": sum(sum(row["span_token_counts"]) for row in kept),
+        "prompt_tokens_truncated": sum(row["prompt_tokens_truncated"] for row in kept),
+        "parquet_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "quarantine_sha256": hashlib.sha256(quarantine_path.read_bytes()).hexdigest()})
+    return ShardRun(path, computed=len(prepared.encodings), cached=len(prepared.rows) - len(prepared.encodings),
+                    prepare_seconds=prepared.seconds, **counters)
+
+
+def extract_shard(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_dir: Path, params: Params,
+                  progress: tqdm | None = None) -> ShardRun:
+    """Compute (or take from the cache) one shard and write it with its marker; skip it if already done."""
+    return _finish(_prepare(spec, segments, model, out_dir, params), out_dir, params, progress)
+
+
+def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
+    """Check every shard is done, drop stale files, merge quarantines, write stats.json (read = kept + quarantined)."""
+    out_dir = Path(out_dir)
+    shards = out_dir / "shards"
+    unfinished = [spec.name for spec in specs if not _marker_ok(spec, shards)]
+    if unfinished:
+        raise RuntimeError(f"extract: shard(s) {unfinished} missing or stale; run extract_shard for them")
+    planned = {spec.name for spec in specs}
+    for stale in shards.glob("*part-*"):
+        if stale.name.startswith(".") or stale.name.split(".")[0] not in planned:
+            stale.unlink()  # an interrupted write's temp file, or a shard of an earlier, longer plan
+    ledger = StageLedger("extract")
+    totals = {"loss_tokens": 0, "prompt_tokens_truncated": 0}
+    for spec in specs:
+        marker = json.loads((shards / f"{spec.name}.done").read_text(encoding="utf-8"))
+        ledger.count_read(marker["read"])
+        ledger.keep(marker["kept"])
+        for name in totals:
+            totals[name] += marker[name]
+        lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+        ledger.quarantine.extend(QuarantineRecord(**json.loads(line)) for line in lines)
+    real, padded = sum(r.real_tokens for r in runs), sum(r.padded_tokens for r in runs)
+    seconds, prepare_seconds = sum(r.seconds for r in runs), sum(r.prepare_seconds for r in runs)
+    ledger.extra.update(
+        totals, shards=len(specs), shards_skipped=sum(r.skipped for r in runs),
+        traces_computed=sum(r.computed for r in runs), traces_cached=sum(r.cached for r in runs),
+        forward_batches=sum(r.batches for r in runs), device=specs[0].device if specs else None,
+        padding_waste=round(1 - real / padded, 4) if padded else None,
+        tokens_per_s=round(real / seconds, 1) if real and seconds else None, model_seconds=round(seconds, 3),
+        prepare_seconds=round(prepare_seconds, 3))
+    return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
+    """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
+    table = _segments(segments)
+    specs = plan_shards(table, params, model)
+    with ThreadPoolExecutor(max_workers=1) as prefetch, \
+            tqdm(total=len(table), unit="trace", desc="extract", disable=None) as progress:
+        # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
+        prepare = functools.partial(_prepare, segments=table, model=model, out_dir=out_dir, params=params)
+        upcoming, runs = prefetch.submit(prepare, specs[0]) if specs else None, []
+        for following in specs[1:] + [None]:
+            prepared = upcoming.result()
+            upcoming = prefetch.submit(prepare, following) if following else None
+            runs.append(_finish(prepared, out_dir, params, progress))
+    return finalize(out_dir, specs, runs)
+
+
+def read_extract(extract_dir: Path) -> pa.Table:
+    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id."""
+    parts = sorted((Path(extract_dir) / "shards").glob("part-*.parquet"))
+    table = pa.concat_tables([pq.read_table(part, schema=EXTRACT_SCHEMA) for part in parts]) if parts \
+        else EXTRACT_SCHEMA.empty_table()
+    return table.sort_by("id")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_stage("extract", Params, [("segments", "segments.parquet from the segment stage"),
+                                         ("model", "model directory from the model stage"),
+                                         ("out_dir", "output directory (shards/, quarantine.jsonl, stats.json)")],
+                     extract, argv)
+
+
+if __name__ == "__main__":
+    main()
