@@ -9,7 +9,11 @@ params a flow run writes the same artifact files as `dvc repro`. No server is ne
 PREFECT_API_URL, Prefect starts a temporary local API for the run.
 
 Extraction runs in process, or, with extract.workers > 0 or extract.scheduler_address set, as one
-mapped task per shard in a subflow on a Dask cluster (prefect-dask), started for extraction only.
+mapped task per shard in a subflow on a Dask cluster (prefect-dask), started for extraction only:
+an existing scheduler, or a local cluster of extract.workers single-threaded workers. On a host
+with several GPUs (extract.device auto or cuda), each local worker gets one GPU of its own through
+CUDA_VISIBLE_DEVICES (round-robin when there are more workers than GPUs); extract.workers: gpus
+asks for one worker per GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,7 +43,7 @@ import tasks.select
 import tasks.unconditional
 import tasks.validate
 from tasks.extract import ShardRun, ShardSpec
-from tasks.stage import load_params
+from tasks.stage import ParamsError, load_params
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
 
@@ -180,18 +185,49 @@ def extract_sharded(segments: Path, model: Path, out_dir: Path, params_path: Pat
     return finalize_task(out_dir, specs, runs)
 
 
-def dask_task_runner(params: tasks.extract.Params) -> TaskRunner | None:
-    """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process."""
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs extract may spread over, as CUDA_VISIBLE_DEVICES names them; none unless device is auto or cuda."""
+    import torch
+
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return []  # cpu, or a device the user pinned (cuda:N): every worker uses that one
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    return [name.strip() for name in listed.split(",")][:count] if listed else [str(i) for i in range(count)]
+
+
+def gpu_cluster_kwargs(n_workers: int, gpus: list[str]) -> dict:
+    """distributed.SpecCluster arguments: a local scheduler and single-threaded workers, worker i on gpus[i % len]."""
+    workers = {f"gpu-worker-{i}": {"cls": "distributed.Nanny", "options": {
+        "nthreads": 1, "host": "127.0.0.1", "env": {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}}}
+        for i in range(n_workers)}  # the Nanny sets env before the worker process starts, so before CUDA does
+    return {"scheduler": {"cls": "distributed.Scheduler", "options": {"host": "127.0.0.1", "dashboard_address": ":0"}},
+            "workers": workers}
+
+
+def dask_task_runner(params: tasks.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
+    """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process.
+
+    `gpus` (default: visible_gpus(params.device)) are the GPUs the local workers are spread over.
+    """
     if params.scheduler_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=params.scheduler_address)
-    if params.workers > 0:
-        from prefect_dask import DaskTaskRunner
+    if params.workers == 0:
+        return None
+    from prefect_dask import DaskTaskRunner
 
-        # One thread per worker: torch already spreads one forward pass over the worker's cores.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": params.workers, "threads_per_worker": 1})
-    return None
+    gpus = visible_gpus(params.device) if gpus is None else gpus
+    n_workers = len(gpus) if params.workers == "gpus" else params.workers
+    if n_workers == 0:
+        raise ParamsError(f"extract.workers: gpus, but no GPU is visible to extract.device {params.device!r}; "
+                          "set a number of workers")
+    if len(gpus) > 1:
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster",
+                              cluster_kwargs=gpu_cluster_kwargs(n_workers, gpus))
+    # One thread per worker: torch already spreads one forward pass over the worker's cores.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1})
 
 
 def _cell(value: Any) -> str:

@@ -18,15 +18,22 @@ thousand files for a million traces instead of a million tiny ones, written with
 parallel workers, found through an in-memory key index built from the packs' key columns. A cached
 number was computed in the batch of its first run; batch composition moves only float rounding (so
 shards run in parallel by Dask may compute a duplicated trace twice, equal up to that rounding).
+
+Segments are streamed, never read whole: plan_shards and the shard reads go through the file a
+record batch at a time, so memory holds a batch and a shard of rows, not the corpus (the plan keeps
+one key per trace).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
+import itertools
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +50,8 @@ from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, 
 CACHE_VERSION = "extract-v1"  # bump when the meaning of the numbers extract writes changes
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
+KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
+READ_BATCH_ROWS = 512  # segments rows decoded at a time: bounds the memory of reading, not its speed
 NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_tokens_truncated
 PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("reason", pa.string()),
                          pa.field("detail", pa.string())]
@@ -58,7 +67,7 @@ class Params:
     head_variant: bool = True  # also compute the exact LM-head Gram (METHOD.md 3, "head")
     chat_template: bool = True  # wrap prompt and response in the tokenizer's chat template when it has one
     cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
-    workers: int = 0  # 0 = in process; N = Dask LocalCluster of N workers (Prefect flow only)
+    workers: int | str = 0  # 0 = in process; N = Dask LocalCluster of N workers; gpus = one per GPU (Prefect flow only)
     scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
 
     def check(self) -> None:
@@ -67,8 +76,8 @@ class Params:
                 raise ParamsError(f"extract.{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
             raise ParamsError(f"extract.max_length must be null or at least 2, got {self.max_length}")
-        if self.workers < 0:
-            raise ParamsError(f"extract.workers must be 0 or more, got {self.workers}")
+        if self.workers != "gpus" and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ParamsError(f"extract.workers must be 0, a positive integer or gpus, got {self.workers!r}")
 
 
 @dataclass(frozen=True)
@@ -106,35 +115,88 @@ def _sha256(payload) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-@functools.lru_cache(maxsize=2)
-def _read_segments(path: str, mtime_ns: int) -> pa.Table:
-    return pq.read_table(path, columns=SEGMENT_COLUMNS)
-
-
-def _segments(segments: Path | pa.Table) -> pa.Table:
+def _segment_batches(segments: Path | pa.Table, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
+    """Segments rows from `start` on, a record batch at a time; a file is read from the row group holding `start`."""
     if isinstance(segments, pa.Table):
-        return segments
-    return _read_segments(str(segments), Path(segments).stat().st_mtime_ns)
+        yield from segments.select(columns).slice(start).to_batches(max_chunksize=READ_BATCH_ROWS)
+        return
+    file = pq.ParquetFile(segments, buffer_size=1 << 16, pre_buffer=False)  # column chunks read in 64 KiB pieces
+    group_ends = list(itertools.accumulate(file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)))
+    first = bisect.bisect_right(group_ends, start)
+    position = group_ends[first - 1] if first else 0  # row number of the next batch's first row
+    for batch in file.iter_batches(READ_BATCH_ROWS, row_groups=range(first, file.num_row_groups), columns=columns):
+        if position + batch.num_rows > start:
+            yield batch.slice(max(start - position, 0))
+        position += batch.num_rows
+
+
+class SegmentReader:
+    """Rows [start, stop) of the segments as dicts, read forward: shards asked for in order decode the file once.
+
+    In process the shards come in order, on a Dask worker mostly so; a range behind the reader's
+    place starts a new pass at the row group holding it.
+    """
+
+    def __init__(self, segments: Path | pa.Table) -> None:
+        self.segments, self.lock = segments, threading.Lock()
+        self._seek(0)
+
+    def _seek(self, start: int) -> None:
+        self.position = start  # row number of the next row self.stream yields
+        self.stream = (row for batch in _segment_batches(self.segments, SEGMENT_COLUMNS, start)
+                       for row in batch.to_pylist())
+
+    def rows(self, start: int, stop: int) -> list[dict]:
+        with self.lock:
+            if start < self.position:
+                self._seek(start)
+            rows = []
+            for row in itertools.islice(self.stream, max(stop - self.position, 0)):
+                if self.position >= start:
+                    rows.append(row)
+                self.position += 1
+            return rows
+
+
+@functools.lru_cache(maxsize=2)
+def _file_reader(path: str, mtime_ns: int) -> SegmentReader:
+    return SegmentReader(Path(path))
+
+
+def segment_reader(segments: Path | pa.Table) -> SegmentReader:
+    """The process's reader of a segments file (a Dask worker's next shard continues its pass), or of a table."""
+    if isinstance(segments, pa.Table):
+        return SegmentReader(segments)
+    path = Path(segments).resolve()
+    return _file_reader(str(path), path.stat().st_mtime_ns)
 
 
 def plan_shards(segments: Path | pa.Table, params: Params, model: Path) -> list[ShardSpec]:
-    """Cut the segments table into shards and key every trace (model identity, numeric params, content)."""
-    table = _segments(segments)
+    """Cut the segments into shards and key every trace (model identity, numeric params, content), streaming."""
     device = resolve_device(params.device)
     numerics = {"max_length": params.max_length, "chat_template": params.chat_template,
                 "head_variant": params.head_variant, "precision": precision(device)}
     head = [CACHE_VERSION, model_identity(model), numerics]
-    rows = table.select(["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start",
-                         "answer_end"]).to_pylist()
-    keys = [_sha256(head + [row["content_hash"], row["scored_response"],
-                            trace_spans(row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])])
-            for row in rows]
-    specs = []
-    for index, start in enumerate(range(0, len(rows), params.shard_size)):
-        stop = min(start + params.shard_size, len(rows))
-        ids = [row["id"] for row in rows[start:stop]]
-        specs.append(ShardSpec(index, start, stop, tuple(keys[start:stop]),
-                               _sha256([CACHE_VERSION, ids, keys[start:stop]]), device))
+    specs: list[ShardSpec] = []
+    ids: list[str] = []
+    keys: list[str] = []
+
+    def close_shard() -> None:
+        start = specs[-1].stop if specs else 0
+        specs.append(ShardSpec(len(specs), start, start + len(ids), tuple(keys), _sha256([CACHE_VERSION, ids, keys]),
+                               device))
+        ids.clear()
+        keys.clear()
+
+    for batch in _segment_batches(segments, KEY_COLUMNS):
+        for row in batch.to_pylist():
+            ids.append(row["id"])
+            keys.append(_sha256(head + [row["content_hash"], row["scored_response"], trace_spans(
+                row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])]))
+            if len(ids) == params.shard_size:
+                close_shard()
+    if ids:
+        close_shard()
     return specs
 
 
@@ -242,11 +304,11 @@ class _Prepared:
     seconds: float = 0.0
 
 
-def _prepare(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_dir: Path, params: Params) -> _Prepared:
+def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path, params: Params) -> _Prepared:
     if _marker_ok(spec, Path(out_dir) / "shards"):
         return _Prepared(spec, skipped=True)
     started = time.perf_counter()
-    rows = _segments(segments).slice(spec.start, spec.stop - spec.start).to_pylist()
+    rows = reader.rows(spec.start, spec.stop)
     outcomes = _pack_cache(params.cache_dir).get(spec.keys) if params.cache_dir else {}
     missing = [i for i, key in enumerate(spec.keys) if key not in outcomes]
     if not missing:
@@ -316,7 +378,7 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm |
 def extract_shard(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_dir: Path, params: Params,
                   progress: tqdm | None = None) -> ShardRun:
     """Compute (or take from the cache) one shard and write it with its marker; skip it if already done."""
-    return _finish(_prepare(spec, segments, model, out_dir, params), out_dir, params, progress)
+    return _finish(_prepare(spec, segment_reader(segments), model, out_dir, params), out_dir, params, progress)
 
 
 def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
@@ -354,12 +416,12 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
 
 def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
-    table = _segments(segments)
-    specs = plan_shards(table, params, model)
+    specs = plan_shards(segments, params, model)
     with ThreadPoolExecutor(max_workers=1) as prefetch, \
-            tqdm(total=len(table), unit="trace", desc="extract", disable=None) as progress:
+            tqdm(total=specs[-1].stop if specs else 0, unit="trace", desc="extract", disable=None) as progress:
         # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
-        prepare = functools.partial(_prepare, segments=table, model=model, out_dir=out_dir, params=params)
+        prepare = functools.partial(_prepare, reader=segment_reader(segments), model=model, out_dir=out_dir,
+                                    params=params)
         upcoming, runs = prefetch.submit(prepare, specs[0]) if specs else None, []
         for following in specs[1:] + [None]:
             prepared = upcoming.result()
