@@ -16,6 +16,10 @@ Targets, i.e. the parameters whose gradient g_k is taken:
   last_blocks  every parameter of the last N decoder blocks plus the final norm (the norm sits
                between those blocks and the head, so it belongs to the same top of the network);
                the head itself is the separate target above. Backward runs through those blocks only.
+  full         every parameter of the model: g_k = grad_theta of METHOD.md 1 itself, the gradient
+               the proxy stands in for (tied embeddings: both uses of the shared matrix). One full
+               backward pass per span and a (K+1, P) float32 host buffer (0.54 GB per span for the
+               135M default model), so: a few traces, small models.
   lora         fresh LoRA adapters (peft, rank r, no dropout) on the given projections of every
                block; default q/k/v/o, the projections LESS (Xia et al., 2024) takes gradient
                features from. Standard init sets B = 0, so the model is unchanged and dL/dA = 0:
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 
 from tasks.spans import EncodedTrace
 
-TARGETS = ("head", "last_blocks", "lora")
+TARGETS = ("head", "last_blocks", "lora", "full")
 GRAM_CHUNK = 1 << 22  # parameters per float64 Gram chunk: bounds the temporary copy to (K+1) x 32 MiB
 
 
@@ -108,6 +112,8 @@ class ExactModel:
         elif spec.target == "last_blocks":
             top = list(decoder_blocks(self.model))[-spec.last_n_blocks:]
             self.params = [p for block in top for p in block.parameters()] + list(self.decoder.norm.parameters())
+        elif spec.target == "full":
+            self.params = list(self.model.parameters())  # a tied matrix once: parameters() skips repeats
         else:
             self.params = [p for name, p in self.model.named_parameters() if "lora_" in name]
             if not self.params:

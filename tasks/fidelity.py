@@ -48,7 +48,8 @@ SIGNALS = ("alpha", "consistency", "step_score")
 class Params:
     n_traces: int = 150  # traces checked: exact mode costs one backward pass per span
     seed: int = 0  # which traces are sampled
-    targets: tuple[str, ...] = TARGETS  # exact-mode parameters: head | last_blocks | lora
+    targets: tuple[str, ...] = ("head", "last_blocks", "lora")  # exact-mode parameters (tasks.exact.TARGETS):
+    # head | last_blocks | lora | full; full (every parameter) costs a full backward per span
     last_n_blocks: int = 2  # last_blocks: decoder blocks from the top (+ final norm)
     lora_r: int = 8  # lora: adapter rank
     lora_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # lora: adapted projections

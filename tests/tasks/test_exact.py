@@ -78,6 +78,20 @@ def test_last_blocks_match_hand_backward(tiny_model_dir, gsm_rows):
     assert_gram_close(exact.grams(trace).gram, hand_gram(model, params, trace))
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_model_dir", "tiny_sp_model_dir"])
+def test_full_matches_hand_backward_over_every_parameter(model_fixture, gsm_rows, request):
+    """METHOD.md's g_k itself: every parameter, a tied matrix once with both of its uses."""
+    model_dir = request.getfixturevalue(model_fixture)
+    exact = ExactModel(model_dir, ExactSpec("full"))
+    model = fresh_model(model_dir)
+    params = list(model.parameters())
+    assert exact.n_parameters == sum(p.numel() for p in params) == model.num_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    trace = encode_rows(exact.tokenizer, gsm_rows)[2]
+    assert_gram_close(exact.grams(trace).gram, hand_gram(model, params, trace))
+
+
 def test_lora_matches_peft_model_and_only_b_moves(tiny_model_dir, gsm_rows):
     from peft import LoraConfig, get_peft_model
 

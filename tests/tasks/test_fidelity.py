@@ -24,11 +24,12 @@ def test_fidelity_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, gsm_row
     extract_dir = build_extract(tmp_path, segments, tiny_model_dir)
     (tmp_path / "params.yaml").write_text(
         "fidelity:\n  n_traces: 4\n  last_n_blocks: 1\n  lora_r: 2\n  select_fraction: 0.5\n"
+        "  targets: [head, last_blocks, lora, full]\n"
         "extract:\n  device: cpu\n  cache_dir: null\n")
     report = main(["--params", str(tmp_path / "params.yaml"), "--segments", str(segments), "--extract-dir",
                    str(extract_dir), "--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "fidelity")])
     assert report == json.loads((tmp_path / "fidelity" / "fidelity.json").read_text())
-    assert report["n_traces"] == 4 and set(report["targets"]) == {"head", "last_blocks", "lora"}
+    assert report["n_traces"] == 4 and set(report["targets"]) == {"head", "last_blocks", "lora", "full"}
     for target, result in report["targets"].items():
         assert result["max_span_loss_rel_diff_vs_extract"] < 1e-4  # exact mode ran the tokens extract ran
         for name in ("proxy", "head"):
