@@ -15,13 +15,15 @@ the model identity, the parameters that change its numbers (max_length, chat_tem
 device precision) and the trace content (content_hash, scored_response, spans). Each computed shard
 adds one pack file of results (quarantine outcomes included) named by its fingerprint: a few
 thousand files for a million traces instead of a million tiny ones, written without contention by
-parallel workers, found through an in-memory key index built from the packs' key columns. A cached
+parallel workers, found through an in-memory index of the packs' key columns that holds 12 bytes
+per cached trace (PackCache). A cached
 number was computed in the batch of its first run; batch composition moves only float rounding (so
 shards run in parallel by Dask may compute a duplicated trace twice, equal up to that rounding).
 
 Segments are streamed, never read whole: plan_shards and the shard reads go through the file a
-record batch at a time, so memory holds a batch and a shard of rows, not the corpus (the plan keeps
-one key per trace).
+record batch at a time, so memory holds a batch and a shard of rows, not the corpus. The plan keeps
+a few numbers per shard (a shard's trace keys are computed again from its rows when it runs, and
+checked against the shard's fingerprint), and the cache index 12 bytes per cached trace.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -82,13 +85,13 @@ class Params:
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One unit of work: segments rows [start, stop), their cache keys and the shard fingerprint."""
+    """One unit of work: segments rows [start, stop), what their cache keys start with, the shard fingerprint."""
 
     index: int
     start: int
     stop: int
-    keys: tuple[str, ...]
-    fingerprint: str
+    key_head: str  # JSON [CACHE_VERSION, model identity, numeric params]: the start every trace key shares
+    fingerprint: str  # sha256 of the shard's trace ids and keys
     device: str
 
     @property
@@ -115,7 +118,7 @@ def _sha256(payload) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _segment_batches(segments: Path | pa.Table, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
+def read_segment_batches(segments: Path | pa.Table, columns: list[str], start: int = 0) -> Iterator[pa.RecordBatch]:
     """Segments rows from `start` on, a record batch at a time; a file is read from the row group holding `start`."""
     if isinstance(segments, pa.Table):
         yield from segments.select(columns).slice(start).to_batches(max_chunksize=READ_BATCH_ROWS)
@@ -143,7 +146,7 @@ class SegmentReader:
 
     def _seek(self, start: int) -> None:
         self.position = start  # row number of the next row self.stream yields
-        self.stream = (row for batch in _segment_batches(self.segments, SEGMENT_COLUMNS, start)
+        self.stream = (row for batch in read_segment_batches(self.segments, SEGMENT_COLUMNS, start)
                        for row in batch.to_pylist())
 
     def rows(self, start: int, stop: int) -> list[dict]:
@@ -171,28 +174,36 @@ def segment_reader(segments: Path | pa.Table) -> SegmentReader:
     return _file_reader(str(path), path.stat().st_mtime_ns)
 
 
+def trace_key(key_head: str, row: dict) -> str:
+    """A trace's cache key: model identity, the params that change its numbers (key_head), and its content."""
+    return _sha256(json.loads(key_head) + [row["content_hash"], row["scored_response"], trace_spans(
+        row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])])
+
+
+def shard_fingerprint(ids: list[str], keys: list[str]) -> str:
+    return _sha256([CACHE_VERSION, ids, keys])
+
+
 def plan_shards(segments: Path | pa.Table, params: Params, model: Path) -> list[ShardSpec]:
-    """Cut the segments into shards and key every trace (model identity, numeric params, content), streaming."""
+    """Cut the segments into shards and fingerprint each by its traces' ids and keys, streaming."""
     device = resolve_device(params.device)
     numerics = {"max_length": params.max_length, "chat_template": params.chat_template,
                 "head_variant": params.head_variant, "precision": precision(device)}
-    head = [CACHE_VERSION, model_identity(model), numerics]
+    key_head = json.dumps([CACHE_VERSION, model_identity(model), numerics])
     specs: list[ShardSpec] = []
     ids: list[str] = []
     keys: list[str] = []
 
     def close_shard() -> None:
         start = specs[-1].stop if specs else 0
-        specs.append(ShardSpec(len(specs), start, start + len(ids), tuple(keys), _sha256([CACHE_VERSION, ids, keys]),
-                               device))
+        specs.append(ShardSpec(len(specs), start, start + len(ids), key_head, shard_fingerprint(ids, keys), device))
         ids.clear()
         keys.clear()
 
-    for batch in _segment_batches(segments, KEY_COLUMNS):
+    for batch in read_segment_batches(segments, KEY_COLUMNS):
         for row in batch.to_pylist():
             ids.append(row["id"])
-            keys.append(_sha256(head + [row["content_hash"], row["scored_response"], trace_spans(
-                row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])]))
+            keys.append(trace_key(key_head, row))
             if len(ids) == params.shard_size:
                 close_shard()
     if ids:
@@ -200,25 +211,57 @@ def plan_shards(segments: Path | pa.Table, params: Params, model: Path) -> list[
     return specs
 
 
+def key_prefixes(keys: list[str]) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of each hex sha256 key."""
+    return np.frombuffer(bytes.fromhex("".join(key[:16] for key in keys)), dtype=">u8").astype(np.uint64)
+
+
 class PackCache:
-    """Per-trace results in pack files (one per computed shard), found through an index of their keys."""
+    """Per-trace results in pack files (one per computed shard), found through a compact index of their keys.
+
+    The index holds, sorted, the first 8 bytes of every cached key (uint64) and the number of its
+    pack (uint32): 12 bytes per cached trace, so a million cached traces cost 12 MB, not the ~200 MB
+    of a dict of key strings. A prefix match is only a candidate: the pack is read and the full key
+    compared. A key in several packs (a duplicate computed twice by parallel workers) is taken from
+    the pack indexed first.
+    """
 
     def __init__(self, root: Path) -> None:
-        self.root, self.where, self.indexed = root, {}, set()
+        self.root = root
+        self.packs: list[Path] = []  # pack number -> file, in the order they were indexed
+        self.indexed: set[str] = set()
+        self.prefixes = np.empty(0, dtype=np.uint64)  # (n,) sorted
+        self.pack_numbers = np.empty(0, dtype=np.uint32)  # (n,) pack of each prefix
         self.lock = threading.Lock()  # the prefetch thread and the main thread both look up
 
+    def _index_new_packs(self) -> None:
+        for pack in sorted(self.root.glob("*.parquet")):
+            if pack.name in self.indexed:
+                continue
+            self.indexed.add(pack.name)
+            new = np.sort(key_prefixes(pq.read_table(pack, columns=["key"]).column("key").to_pylist()))  # (m,)
+            # side="right" puts a prefix already indexed before the new one: earlier packs are found first
+            at = np.searchsorted(self.prefixes, new, side="right")
+            self.prefixes = np.insert(self.prefixes, at, new)
+            self.pack_numbers = np.insert(self.pack_numbers, at, np.full(len(new), len(self.packs), np.uint32))
+            self.packs.append(pack)
+
     def get(self, keys) -> dict[str, dict]:
+        wanted = set(keys)
+        if not wanted:
+            return {}
         with self.lock:
-            for pack in sorted(self.root.glob("*.parquet")):
-                if pack.name not in self.indexed:
-                    self.indexed.add(pack.name)
-                    for key in pq.read_table(pack, columns=["key"]).column("key").to_pylist():
-                        self.where.setdefault(key, pack)
-            wanted = set(keys)
-            packs = sorted({self.where[key] for key in wanted if key in self.where})
+            self._index_new_packs()
+            prefixes = key_prefixes(sorted(wanted))  # (w,)
+            low = np.searchsorted(self.prefixes, prefixes, side="left")
+            high = np.searchsorted(self.prefixes, prefixes, side="right")
+            candidates = sorted({int(n) for lo, hi in zip(low, high) for n in self.pack_numbers[lo:hi]})
+            packs = [self.packs[n] for n in candidates]
         found: dict[str, dict] = {}
-        for pack in packs:
-            found.update((row["key"], row) for row in pq.read_table(pack).to_pylist() if row["key"] in wanted)
+        for pack in packs:  # in indexing order, the first pack holding a key gives it
+            for row in pq.read_table(pack).to_pylist():
+                if row["key"] in wanted:
+                    found.setdefault(row["key"], row)
         return found
 
     def put(self, name: str, rows: list[dict]) -> None:
@@ -298,6 +341,7 @@ class _Prepared:
     spec: ShardSpec
     skipped: bool
     rows: list[dict] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # cache key of each row
     outcomes: dict[str, dict] = field(default_factory=dict)  # cache key -> pack row, cached traces only
     encodings: dict[int, EncodedTrace | SpanError] = field(default_factory=dict)  # row -> encoding, the others
     model: ProxyModel | None = None
@@ -309,10 +353,14 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
         return _Prepared(spec, skipped=True)
     started = time.perf_counter()
     rows = reader.rows(spec.start, spec.stop)
-    outcomes = _pack_cache(params.cache_dir).get(spec.keys) if params.cache_dir else {}
-    missing = [i for i, key in enumerate(spec.keys) if key not in outcomes]
+    keys = [trace_key(spec.key_head, row) for row in rows]
+    if shard_fingerprint([row["id"] for row in rows], keys) != spec.fingerprint:
+        raise RuntimeError(f"extract: rows {spec.start}-{spec.stop} of the segments changed since the plan was made "
+                           f"({spec.name}); plan again")
+    outcomes = _pack_cache(params.cache_dir).get(keys) if params.cache_dir else {}
+    missing = [i for i, key in enumerate(keys) if key not in outcomes]
     if not missing:
-        return _Prepared(spec, False, rows, outcomes, seconds=time.perf_counter() - started)
+        return _Prepared(spec, False, rows, keys, outcomes, seconds=time.perf_counter() - started)
     proxy_model = load_model(str(model), spec.device)  # once per process; not counted as preparation
     looked_up, started = time.perf_counter() - started, time.perf_counter()
     encodings = encode_traces(proxy_model.tokenizer, [
@@ -320,13 +368,13 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
          trace_spans(rows[i]["step_starts"], rows[i]["step_ends"], rows[i]["answer_start"], rows[i]["answer_end"]))
         for i in missing], chat_template=params.chat_template,
         max_length=params.max_length or proxy_model.context_length)
-    return _Prepared(spec, False, rows, outcomes, dict(zip(missing, encodings)), proxy_model,
+    return _Prepared(spec, False, rows, keys, outcomes, dict(zip(missing, encodings)), proxy_model,
                      looked_up + time.perf_counter() - started)
 
 
 def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm | None) -> ShardRun:
     """Run the model on what the cache lacked, then write the shard, its quarantine, cache pack and marker."""
-    spec, shards = prepared.spec, Path(out_dir) / "shards"
+    spec, keys, shards = prepared.spec, prepared.keys, Path(out_dir) / "shards"
     path = shards / f"{spec.name}.parquet"
     if prepared.skipped:
         if progress is not None:
@@ -335,26 +383,26 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm |
     if params.cache_dir and prepared.encodings:
         # Look again now that every earlier shard is written: a duplicate of a trace computed there is
         # then always taken from it, whatever the prefetch timing, so the bytes do not depend on it.
-        late = _pack_cache(params.cache_dir).get([spec.keys[i] for i in prepared.encodings])
+        late = _pack_cache(params.cache_dir).get([keys[i] for i in prepared.encodings])
         prepared.outcomes.update(late)
-        prepared.encodings = {i: e for i, e in prepared.encodings.items() if spec.keys[i] not in late}
+        prepared.encodings = {i: e for i, e in prepared.encodings.items() if keys[i] not in late}
     encoded = {i: e for i, e in prepared.encodings.items() if isinstance(e, EncodedTrace)}
     if progress is not None:
         progress.update(spec.stop - spec.start - len(encoded))  # the model's traces count as their batches end
     numbers, counters = _compute(prepared.model, encoded, params, progress) if encoded else ({}, {})
     outcomes, fresh = prepared.outcomes, []
     for i, encoding in prepared.encodings.items():
-        outcome = {"key": spec.keys[i], "reason": None, "detail": None}
+        outcome = {"key": keys[i], "reason": None, "detail": None}
         if isinstance(encoding, SpanError):
             outcome.update(reason=encoding.reason, detail=encoding.detail)
         else:
             outcome.update(_number_row(encoding, numbers[i]))
         fresh.append(outcome)
-        outcomes[spec.keys[i]] = outcome
+        outcomes[keys[i]] = outcome
     if params.cache_dir:
         _pack_cache(params.cache_dir).put(spec.fingerprint, fresh)
     kept, quarantine = [], []
-    for row, key in zip(prepared.rows, spec.keys):
+    for row, key in zip(prepared.rows, keys):
         outcome = outcomes[key]
         if outcome["reason"] is None:
             kept.append({"id": row["id"], "content_hash": row["content_hash"], "n_steps": len(row["step_starts"]),

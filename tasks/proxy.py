@@ -153,16 +153,18 @@ class TraceNumbers:
 
 
 def collate(traces: list[EncodedTrace], pad_id: int, pin: bool) -> dict[str, torch.Tensor]:
-    """Right-padded inputs, flat loss slots and their layout for a batch, built on the host (pinned for CUDA)."""
+    """Right-padded inputs, flat loss slots and their layout for a batch, built on the host (pinned for CUDA).
+
+    No attention mask: padding sits after every real token, so under causal attention no real
+    position ever attends to it, and padded positions are never read (launch).
+    """
     loss_positions = [np.flatnonzero(trace.loss_span >= 0) for trace in traces]
     length = max(len(trace.input_ids) for trace in traces)
     input_ids = np.full((len(traces), length), pad_id, dtype=np.int64)  # (B, T)
-    attention_mask = np.zeros((len(traces), length), dtype=np.int64)  # (B, T)
     for row, trace in enumerate(traces):
         input_ids[row, :len(trace.input_ids)] = trace.input_ids
-        attention_mask[row, :len(trace.input_ids)] = 1
     arrays = {
-        "input_ids": input_ids, "attention_mask": attention_mask,
+        "input_ids": input_ids,
         "flat_positions": np.concatenate([row * length + pos for row, pos in enumerate(loss_positions)]),  # (N,)
         "targets": np.concatenate([t.input_ids[pos + 1] for t, pos in zip(traces, loss_positions)]),  # (N,)
         **loss_layout([t.loss_span[pos] for t, pos in zip(traces, loss_positions)]),
@@ -234,8 +236,10 @@ class ProxyModel:
         self.forward_calls += 1
         with torch.inference_mode():
             with self._autocast():
-                hidden = self.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                      use_cache=False).last_hidden_state  # (B, T, d)
+                # No attention_mask (collate): with one, transformers reads it back to decide whether
+                # SDPA may run plain causal (masking_utils.fast_all), a host sync per batch on CUDA; without,
+                # the same causal kernel runs and real positions get the same numbers (tested).
+                hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (B, T, d)
                 hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head
                 logits = self.head(hidden)  # (N, V)
             summaries = span_summaries(hidden.float(), logits, batch["targets"], batch, self.head_weight,

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.extract import Params, pack_batches
+from tasks.extract import Params, read_segment_batches, pack_batches
 from tasks.proxy import ProxyModel, resolve_device
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
 from tasks.stage import StageLedger, run_stage, write_parquet
@@ -43,6 +43,7 @@ UNCONDITIONAL_SCHEMA = pa.schema(
     ]
 )
 NO_PROMPT = "[]"  # prompt_messages of a chat with no turn before the response
+COLUMNS = ["id", "source_row", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
 
 
 def read_losses(path: Path) -> pa.Table:
@@ -50,39 +51,57 @@ def read_losses(path: Path) -> pa.Table:
 
 
 def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
-    """Mean response loss of every segmented trace without its question: losses.parquet, stats.json."""
+    """Mean response loss of every segmented trace without its question: losses.parquet, stats.json.
+
+    Streams the segments shard_size rows at a time (each chunk tokenized, length-bucketed into
+    batches and run like one of extract's shards), so what is held grows with the output only
+    (an id and three numbers per trace), not with the response texts.
+    """
     started = time.perf_counter()
     ledger = StageLedger("unconditional")
-    rows = pq.read_table(segments, columns=["id", "source_row", "scored_response", "step_starts", "step_ends",
-                                            "answer_start", "answer_end"]).to_pylist()
-    ledger.count_read(len(rows))
     proxy_model = ProxyModel(Path(model), resolve_device(params.device))
-    encodings = encode_traces(proxy_model.tokenizer, [
-        (NO_PROMPT, row["scored_response"],
-         trace_spans(row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"]))
-        for row in rows], chat_template=params.chat_template,
-        max_length=params.max_length or proxy_model.context_length)
-    encoded = {i: e for i, e in enumerate(encodings) if isinstance(e, EncodedTrace)}
-    for row, encoding in zip(rows, encodings):
-        if not isinstance(encoding, EncodedTrace):
-            ledger.reject(encoding.reason, encoding.detail, id=row["id"], source_row=row["source_row"],
-                          record=row["scored_response"])
-    order = list(encoded)
-    losses: dict[int, float] = {}
-    for batch in pack_batches([len(encoded[i].input_ids) for i in order], params.batch_tokens):
-        indices = [order[b] for b in batch]
-        numbers = proxy_model.launch([encoded[i] for i in indices], head_variant=False).collect()
-        losses.update((i, float(n.span_loss_sums.sum())) for i, n in zip(indices, numbers))
-    ledger.keep(len(encoded))
-    kept = sorted(encoded)
-    n_tokens = np.array([int(encoded[i].span_token_counts.sum()) for i in kept], dtype=np.int32)
-    loss_sum = np.array([losses[i] for i in kept], dtype=np.float64)
+    max_length = params.max_length or proxy_model.context_length
+    ids: list[str] = []
+    n_tokens: list[int] = []
+    loss_sums: list[float] = []
+    rows: list[dict] = []
+
+    def run_chunk() -> None:
+        encodings = encode_traces(proxy_model.tokenizer, [
+            (NO_PROMPT, row["scored_response"],
+             trace_spans(row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"]))
+            for row in rows], chat_template=params.chat_template, max_length=max_length)
+        encoded = [(row, e) for row, e in zip(rows, encodings) if isinstance(e, EncodedTrace)]
+        for row, encoding in zip(rows, encodings):
+            if not isinstance(encoding, EncodedTrace):
+                ledger.reject(encoding.reason, encoding.detail, id=row["id"], source_row=row["source_row"],
+                              record=row["scored_response"])
+        for batch in pack_batches([len(e.input_ids) for _, e in encoded], params.batch_tokens):
+            numbers = proxy_model.launch([encoded[b][1] for b in batch], head_variant=False).collect()
+            for b, trace_numbers in zip(batch, numbers):
+                row, encoding = encoded[b]
+                ids.append(row["id"])
+                n_tokens.append(int(encoding.span_token_counts.sum()))
+                loss_sums.append(float(trace_numbers.span_loss_sums.sum()))
+        ledger.keep(len(encoded))
+        rows.clear()
+
+    for record_batch in read_segment_batches(segments, COLUMNS):
+        for row in record_batch.to_pylist():
+            ledger.count_read()
+            rows.append(row)
+            if len(rows) == params.shard_size:
+                run_chunk()
+    if rows:
+        run_chunk()
+    counts = np.array(n_tokens, dtype=np.int32)
+    loss_sum = np.array(loss_sums, dtype=np.float64)
     table = pa.Table.from_arrays(
-        [pa.array([rows[i]["id"] for i in kept], pa.string()), pa.array(n_tokens), pa.array(loss_sum),
-         pa.array(loss_sum / np.maximum(n_tokens, 1))], schema=UNCONDITIONAL_SCHEMA).sort_by("id")
+        [pa.array(ids, pa.string()), pa.array(counts), pa.array(loss_sum),
+         pa.array(loss_sum / np.maximum(counts, 1))], schema=UNCONDITIONAL_SCHEMA).sort_by("id")
     write_parquet(Path(out_dir) / "losses.parquet", table)
-    ledger.extra.update(loss_tokens=int(n_tokens.sum()),
-                        mean_loss=round(float(loss_sum.sum() / max(n_tokens.sum(), 1)), 6),
+    ledger.extra.update(loss_tokens=int(counts.sum()),
+                        mean_loss=round(float(loss_sum.sum() / max(counts.sum(), 1)), 6),
                         seconds=round(time.perf_counter() - started, 3))
     return ledger.write(Path(out_dir) / "stats.json", Path(out_dir) / "quarantine.jsonl")
 

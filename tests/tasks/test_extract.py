@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tasks.extract import Params, extract, finalize, load_model, main, plan_shards, read_extract
+from tasks.extract import (PACK_SCHEMA, PackCache, Params, extract, extract_shard, finalize, load_model, main,
+                           plan_shards, read_extract, trace_key)
 from tasks.schema import EXTRACT_SCHEMA, SEGMENT_SCHEMA, content_hash
 from tasks.stage import load_params
 
@@ -156,7 +157,9 @@ def test_plan_keys_traces_by_content_and_finalize_needs_every_shard(tmp_path, gs
     rows[7] = {**rows[7], "answer_start": rows[7]["answer_start"] + 1}  # a span of the last shard moves
     changed = plan_shards(write_segments(tmp_path / "s2.parquet", rows), params(tmp_path), tiny_model_dir)
     assert [a.fingerprint == b.fingerprint for a, b in zip(plan, changed)] == [True, True, False]
-    assert plan[2].keys[0] == changed[2].keys[0] and plan[2].keys[1] != changed[2].keys[1]
+    keys = [[trace_key(spec.key_head, row) for row in rows_[6:8]] for spec, rows_ in
+            ((plan[2], make_rows(gsm_rows)), (changed[2], rows))]
+    assert keys[0][0] == keys[1][0] and keys[0][1] != keys[1][1]  # only the moved trace's key changes
     with pytest.raises(RuntimeError, match="part-00000"):
         finalize(tmp_path / "nothing", plan, [])
 
@@ -172,3 +175,33 @@ def test_duplicate_in_the_next_shard_comes_from_the_cache_whatever_the_prefetch(
     assert {**first, "id": None} == {**again, "id": None}
     extract(segments, tiny_model_dir, tmp_path / "two", params(tmp_path, cache_dir=str(tmp_path / "c2")))
     assert output_bytes(tmp_path / "two") == output_bytes(tmp_path / "one")
+
+
+def test_pack_cache_confirms_full_keys_and_takes_the_first_indexed_pack(tmp_path):
+    """The index holds 8-byte prefixes only: a prefix shared by two keys must not mix them up."""
+    def pack(name: str, entries: dict[str, str]) -> None:
+        rows = [{"key": key, "reason": "r", "detail": detail} for key, detail in entries.items()]
+        pq.write_table(pa.Table.from_pylist(rows, schema=PACK_SCHEMA), tmp_path / f"{name}.parquet")
+
+    same_prefix = ["ab" * 8 + "0" * 48, "ab" * 8 + "f" * 48]  # equal first 16 hex digits
+    other = "12" * 32
+    pack("b-first", {same_prefix[0]: "first pack", other: "first pack"})
+    cache = PackCache(tmp_path)
+    assert {k: r["detail"] for k, r in cache.get([same_prefix[1], other]).items()} == {other: "first pack"}
+    pack("a-later", {same_prefix[1]: "later pack", other: "later pack"})  # indexed second though it sorts first
+    found = cache.get([*same_prefix, other, "00" * 32])
+    assert {k: r["detail"] for k, r in found.items()} == {
+        same_prefix[0]: "first pack", same_prefix[1]: "later pack", other: "first pack"}
+    assert cache.prefixes.dtype == np.uint64 and len(cache.prefixes) == 4
+    assert np.all(np.diff(cache.prefixes.astype(np.float64)) >= 0)
+    assert cache.get([]) == {}
+
+
+def test_a_shard_whose_rows_changed_after_planning_is_refused(tmp_path, gsm_rows, tiny_model_dir):
+    rows = make_rows(gsm_rows)
+    plan = plan_shards(write_segments(tmp_path / "s.parquet", rows), params(tmp_path), tiny_model_dir)
+    rows[4] = {**rows[4], "scored_response": rows[4]["scored_response"] + " "}
+    changed = write_segments(tmp_path / "s.parquet", rows)  # same path, new content
+    extract_shard(plan[0], changed, tiny_model_dir, tmp_path / "out", params(tmp_path))  # shard 0 is untouched
+    with pytest.raises(RuntimeError, match="changed since the plan"):
+        extract_shard(plan[1], changed, tiny_model_dir, tmp_path / "out", params(tmp_path))

@@ -209,7 +209,7 @@ def _reference(model, trace: EncodedTrace):
 
 
 def test_batched_launch_matches_autograd_per_trace(tiny_model_dir):
-    """Right padding, length-mixed batches and loss-slot gathering change nothing."""
+    """Right padding (no attention mask: collate), length-mixed batches and loss-slot gathering change nothing."""
     proxy_model = ProxyModel(tiny_model_dir, "cpu")
     prompts = [json.dumps([{"role": "user", "content": q}]) for q in ("How many clips?", "Weng earns $12 an hour. "
                                                                       "How much did she earn in 50 minutes?", "?")]
@@ -263,3 +263,21 @@ def test_confident_tokens_keep_their_precision(sharpness):
     assert _normalised_error(exact.head_gram[0], head @ head.T) < 1e-5
     assert _normalised_error(low.head_gram[0], head @ head.T) < 5e-3
     torch.testing.assert_close(exact.span_loss[0], onehot @ nll, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist on CUDA only")
+def test_launch_queues_a_batch_without_host_sync(tiny_model_dir):
+    """Issue 6: nothing inside the batch loop waits for the GPU; only collect() does, once per batch."""
+    proxy_model = ProxyModel(tiny_model_dir, "cuda")
+    prompts = [json.dumps([{"role": "user", "content": q}]) for q in ("How many clips?", "How much in 50 minutes?")]
+    responses = ["She sold 24 clips.\nSo 72.\n#### 72", "12/60 = 0.2 per minute.\n0.2 x 50 = 10 dollars.\n#### 10"]
+    encoded = encode_traces(proxy_model.tokenizer, list(zip(prompts, responses, map(line_spans, responses))),
+                            chat_template=True, max_length=512)
+    expected = proxy_model.launch(encoded, head_variant=True).collect()  # warm-up: lazy CUDA set-up may sync
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        pending = proxy_model.launch(encoded, head_variant=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for ours, theirs in zip(pending.collect(), expected):
+        np.testing.assert_array_equal(ours.proxy_gram, theirs.proxy_gram)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -83,3 +85,39 @@ def test_losses_without_the_question(tmp_path, tiny_model_dir, gsm_rows):
         np.testing.assert_allclose(row["loss_sum"], loss, rtol=1e-5)
         np.testing.assert_allclose(row["mean_loss"], loss / n_tokens, rtol=1e-5)
         assert abs(row["loss_sum"] - sum(cond["span_loss_sums"])) > 1e-3  # the question does change the loss
+
+
+def test_streamed_in_chunks_with_a_too_long_response_quarantined(tmp_path, tiny_model_dir, gsm_rows):
+    """shard_size rows at a time give the losses of one pass over all rows; a response the context
+    cannot hold is quarantined with its reason, and read = kept + quarantined."""
+    from tasks.spans import encode_traces, trace_spans
+    from tasks.unconditional import NO_PROMPT
+
+    segments = build_segments(tmp_path, gsm_rows)
+    rows = pq.read_table(segments).to_pylist()
+    encoded = encode_traces(AutoTokenizer.from_pretrained(tiny_model_dir), [
+        (NO_PROMPT, r["scored_response"], trace_spans(r["step_starts"], r["step_ends"], r["answer_start"],
+                                                      r["answer_end"])) for r in rows], chat_template=True,
+        max_length=4096)
+    fed = {row["id"]: len(e.input_ids) for row, e in zip(rows, encoded)}
+    too_long = max(fed, key=fed.get)
+    fits = max(n for i, n in fed.items() if i != too_long)  # the others fit whole: their numbers must not move
+    assert int(encoded[[r["id"] for r in rows].index(too_long)].span_token_counts.sum()) > fits
+
+    def run(name: str, settings: str) -> tuple[dict, dict]:
+        params = tmp_path / f"{name}.yaml"
+        params.write_text("extract:\n  device: cpu\n  cache_dir: null\n" + settings, encoding="utf-8")
+        stats = main(["--params", str(params), "--segments", str(segments), "--model", str(tiny_model_dir),
+                      "--out-dir", str(tmp_path / name)])
+        return stats, {row["id"]: row for row in read_losses(tmp_path / name / "losses.parquet").to_pylist()}
+
+    _, whole = run("whole", "")
+    stats, chunked = run("chunked", f"  shard_size: 2\n  max_length: {fits}\n")
+    assert (stats["read"], stats["kept"], stats["quarantined"]) == (3, 2, 1)
+    assert stats["quarantined_response_exceeds_context"] == 1
+    quarantined = [json.loads(line) for line in (tmp_path / "chunked" / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["id"] for q in quarantined] == [too_long]
+    assert sorted(chunked) == sorted(i for i in whole if i != too_long)
+    for i, row in chunked.items():
+        assert row["n_tokens"] == whole[i]["n_tokens"]
+        np.testing.assert_allclose(row["loss_sum"], whole[i]["loss_sum"], rtol=1e-6)
