@@ -10,9 +10,12 @@ place: the traces of one of extract's length-bucketed batches) and the same batc
                      baseline that leaves exactly the proxy's own cost to extract
   extract            the stage itself, tasks.extract.extract with the params.yaml extract section (cache
                      off, model loaded beforehand): its model part (stats model_seconds) and its wall
-                     time (reading, tokenization, model, writing shards)
-  exact              tasks/exact.py (one forward, then one backward per span), LM-head target unless
-                     --exact-targets says otherwise, on the first --exact-n of those traces, per token
+                     time (reading, tokenization, model, writing shards); with head_variant on, also
+                     its model part without the head Gram (the proxy alone)
+  exact              tasks/exact.py (one forward, then one backward per span) for every parameter
+                     (`full`: METHOD.md's g_k) and for the LM head alone, on the first --exact-n of those
+                     traces, per token; then (first target) on --probe-n traces of about the same
+                     length and from few to many spans, per trace against its number of spans
 Each is the best of --repeats alternating runs, so load on a shared machine hits them alike.
 Then: padding waste of extract's batches on every trace of the file; peak RSS of extract in a
 subprocess on 1x and 10x traces (--memory-traces rows, then ten copies of them with new ids and
@@ -97,25 +100,57 @@ def time_bare_forward(model, batches: list[list[EncodedTrace]], loss_positions_o
                   for name, tensor in collate(batch, model.pad_id, pin=model.cuda).items()}
         with torch.inference_mode(), model._autocast():
             if loss_positions_only:
-                hidden = model.decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                       use_cache=False).last_hidden_state  # (B, T, d)
+                hidden = model.decoder(input_ids=inputs["input_ids"], use_cache=False).last_hidden_state  # (B, T, d)
                 logits = model.head(hidden.flatten(0, 1)[inputs["flat_positions"]])  # (N, V)
-            else:
-                logits = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     use_cache=False).logits  # (B, T, V)
+            else:  # right padding, no mask: as extract runs it (tasks.proxy.collate)
+                logits = model.model(input_ids=inputs["input_ids"], use_cache=False).logits  # (B, T, V)
         del logits
     if model.cuda:
         torch.cuda.synchronize()  # once: extract too keeps the GPU busy and waits one batch behind
     return time.perf_counter() - started
 
 
-def time_exact(model_dir: Path, traces: list[EncodedTrace], device: str, target: str) -> float:
+def time_exact(model_dir: Path, traces: list[EncodedTrace], device: str, target: str) -> list[float]:
+    """Seconds of exact mode per trace (one forward, one backward per span, the Gram), after a warm-up."""
     exact = ExactModel(model_dir, ExactSpec(target), device)
-    exact.grams(traces[0])  # warm-up
-    started = time.perf_counter()
+    exact.grams(traces[0])
+    seconds = []
     for trace in traces:
+        started = time.perf_counter()
         exact.grams(trace)
-    return time.perf_counter() - started
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    del exact
+    return seconds
+
+
+def span_probe(encoded: list[EncodedTrace | SpanError], length: float, n: int) -> list[EncodedTrace]:
+    """n traces with span counts spread from the fewest to the most in the file, each the one of its
+    count closest to `length` tokens, so the span count is what varies."""
+    by_spans: dict[int, list[EncodedTrace]] = {}
+    for trace in encoded:
+        if isinstance(trace, EncodedTrace):
+            by_spans.setdefault(trace.n_spans, []).append(trace)
+    counts = sorted(by_spans)
+    picked = sorted({counts[round(i * (len(counts) - 1) / max(n - 1, 1))] for i in range(n)})
+    return [min(by_spans[k], key=lambda t: abs(len(t.input_ids) - length)) for k in picked]  # first in file order on ties
+
+
+def exact_by_spans(name: str, traces: list[EncodedTrace], seconds: list[float], extract_per_token: float) -> None:
+    """Per trace: exact cost per token over extract's. Exact runs one backward per span, so the ratio grows
+    with the spans per trace (about 1 + 2(K+1) forward passes for the full model); a least-squares line
+    through (K+1, ratio) says where it crosses 30x."""
+    ratios = [s / len(t.input_ids) / extract_per_token for t, s in zip(traces, seconds)]
+    spans = [t.n_spans for t in traces]
+    print(f"\n{name}, per trace: spans (K+1), tokens, seconds, x extract per token")
+    for trace, s, ratio in sorted(zip(traces, seconds, ratios), key=lambda x: x[0].n_spans):
+        print(f"  {trace.n_spans:3d} {len(trace.input_ids):6d} {s:8.2f} {ratio:8.1f}")
+    if len(set(spans)) >= 2:
+        slope, intercept = np.polyfit(spans, ratios, 1)
+        crossing = (30 - intercept) / slope if slope > 0 else float("inf")
+        print(f"  fit: x extract = {intercept:.1f} + {slope:.2f} (K+1); 30x at K+1 = {crossing:.0f} spans "
+              f"(an extrapolation from {len(spans)} traces with K+1 in {min(spans)}..{max(spans)})")
 
 
 def copies(table: pa.Table, n: int, tag: str) -> pa.Table:
@@ -151,8 +186,12 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="its extract section is used")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n", type=int, default=12, help="traces timed (bare forward and extract)")
-    parser.add_argument("--exact-n", type=int, default=4, help="of those, traces timed in exact mode")
-    parser.add_argument("--exact-targets", nargs="+", default=["head"], choices=TARGETS)
+    parser.add_argument("--exact-n", type=int, default=6, help="of those, traces timed in exact mode")
+    parser.add_argument("--exact-targets", nargs="+", default=["full", "head"], choices=TARGETS,
+                        help="full = METHOD.md's g_k (every parameter); the first one heads the last column")
+    parser.add_argument("--probe-n", type=int, default=5,
+                        help="traces, spread over the span counts of the file, timed in exact mode against "
+                             "their span count (first of --exact-targets; 0: skip)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-traces", type=int, default=768,
@@ -186,6 +225,11 @@ def main() -> None:
         write_parquet(scratch / "sample.parquet", sample)
         bare, bare_loss = "bare forward", "bare forward, loss pos."
         timings: dict[str, list[float]] = {bare: [], bare_loss: [], "extract model": [], "extract stage": []}
+        # The proxy alone (one (spans, V) @ (V, d) product per batch) next to the params' setting: the
+        # head variant adds an (n, V) @ (V, n) product per trace of n loss tokens.
+        proxy_only = dataclasses.replace(params, head_variant=False) if params.head_variant else None
+        if proxy_only:
+            timings["extract model, no head Gram"] = []
         time_bare_forward(model, batches[:1], loss_positions_only=False)  # warm-ups: first calls set up kernels
         extract(scratch / "sample.parquet", args.model, scratch / "extract-warm-up", params)
         for repeat in range(args.repeats):
@@ -195,6 +239,10 @@ def main() -> None:
             stats = extract(scratch / "sample.parquet", args.model, scratch / f"extract-{repeat}", params)
             timings["extract stage"].append(time.perf_counter() - started)
             timings["extract model"].append(stats["model_seconds"])
+            if proxy_only:
+                timings["extract model, no head Gram"].append(extract(
+                    scratch / "sample.parquet", args.model, scratch / f"extract-proxy-{repeat}",
+                    proxy_only)["model_seconds"])
         assert stats["forward_batches"] == len(batches) and abs(stats["padding_waste"] - padding_waste(batches)) < 1e-4
         best = {name: min(values) for name, values in timings.items()}
         # Ratios are paired: one repeat runs every path back to back, so a change of load hits them alike.
@@ -202,21 +250,28 @@ def main() -> None:
                          for base in (bare, bare_loss)] for name, values in timings.items()}
         exact_traces = [t for batch in batches for t in batch][:args.exact_n]
         exact_tokens = sum(len(t.input_ids) for t in exact_traces)
+        per_trace = {}
         for target in args.exact_targets:  # scaled to the timed traces' tokens, so every row is per token alike
-            seconds = time_exact(args.model, exact_traces, device, target)
+            per_trace[target] = time_exact(args.model, exact_traces, device, target)
+            seconds = sum(per_trace[target])
             best[f"exact {target} (autograd)"] = seconds * tokens / exact_tokens
             ratios[f"exact {target} (autograd)"] = [best[f"exact {target} (autograd)"] / best[base]
                                                     for base in (bare, bare_loss)]
 
         exact = best[f"exact {args.exact_targets[0]} (autograd)"]
-        print(f"\n{'path':<26} {'tokens/s':>9} {'ms/token':>9} {'x bare':>7} {'x bare loss pos.':>16} "
+        print(f"\n{'path':<30} {'tokens/s':>9} {'ms/token':>9} {'x bare':>7} {'x bare loss pos.':>16} "
               f"{'exact ' + args.exact_targets[0] + ' / it':>18}")
         for name, seconds in best.items():
-            print(f"{name:<26} {tokens / seconds:9.1f} {1000 * seconds / tokens:9.3f} {ratios[name][0]:7.3f} "
+            print(f"{name:<30} {tokens / seconds:9.1f} {1000 * seconds / tokens:9.3f} {ratios[name][0]:7.3f} "
                   f"{ratios[name][1]:16.3f} {exact / seconds:18.1f}")
         print(f"(tokens/s and ms/token: best of {args.repeats} runs; x bare: median over runs of the paired ratio; "
               f"exact: timed once on {len(exact_traces)} traces, {exact_tokens} tokens, against the best runs)")
         print(f"(seconds per run: { {name: [round(v, 2) for v in values] for name, values in timings.items()} })")
+        if args.probe_n:  # exact's cost against the spans per trace, at about the timed traces' length
+            probe = span_probe(encoded, statistics.median(len(t.input_ids) for t in exact_traces), args.probe_n)
+            target = args.exact_targets[0]
+            exact_by_spans(f"exact {target}", probe, time_exact(args.model, probe, device, target),
+                           best["extract model"] / tokens)
 
         print(f"\npadding waste on all {len(table)} traces of {args.segments}: {padding_waste(every):.2%} "
               f"({len(every)} batches)")
