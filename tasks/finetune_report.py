@@ -3,8 +3,8 @@
     python -m tasks.finetune_report --runs outputs/finetune/runs --out-dir outputs/finetune
 
 Writes results.md (the table, the settings, per-run costs), metrics.json (DVC metrics, nested
-method -> subset -> numbers) and plots/accuracy_vs_budget.csv (DVC plots: x = budget_pct, one
-column per method; the base model at 0% and full data at 100% are every method's end points,
+method -> subset -> numbers), plots/accuracy_vs_budget.csv and plots/gold_loss_vs_budget.csv (DVC
+plots: x = budget_pct, one column per method; the base model at 0% and full data at 100% are every method's end points,
 since selecting nothing or everything is the same whatever the method).
 
 Random rows pool their seeds: mean and sample standard deviation (n - 1). Two "% of full" columns:
@@ -89,9 +89,15 @@ def metrics(rows: list[dict]) -> dict:
     return nested
 
 
-def plot_csv(rows: list[dict], methods: tuple[str, ...]) -> str:
-    """budget_pct plus one accuracy column per method, in params order; base and full shared end points."""
-    by_key = {(row["method"], row["fraction"]): row["accuracy"] for row in rows}
+PLOTS = {"accuracy_vs_budget.csv": "accuracy", "gold_loss_vs_budget.csv": "gold_loss"}  # file -> metric
+
+
+def plot_csv(rows: list[dict], methods: tuple[str, ...], metric: str = "accuracy") -> str:
+    """budget_pct plus one `metric` column per method, in params order; base and full shared end points.
+
+    Gold loss gets its own plot: with a small model accuracy can sit at zero for every run, and the
+    gold loss is then what still tells the subsets apart."""
+    by_key = {(row["method"], row["fraction"]): row[metric] for row in rows}
     fractions = sorted({row["fraction"] for row in rows if row["method"] not in ("base", "full")})
     points = [(fraction, None) for fraction in fractions]  # (budget, the run every column shares, if any)
     if ("base", 0.0) in by_key:
@@ -119,7 +125,7 @@ def settings_line(params: Params, index: dict, evaluation: dict | None) -> str:
 
 
 def report(runs: Path, out_dir: Path, params: Params) -> dict:
-    """results.md, metrics.json and plots/accuracy_vs_budget.csv from the runs stage's output."""
+    """results.md, metrics.json and plots/{accuracy,gold_loss}_vs_budget.csv from the runs stage's output."""
     index = json.loads((Path(runs) / "index.json").read_text(encoding="utf-8"))
     records = [json.loads((Path(runs) / f"{name}.json").read_text(encoding="utf-8")) for name in index["runs"]]
     rows = summarize(records)
@@ -136,7 +142,8 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
             f"({index.get('trunk_seconds', 0):.0f} s of them computing the frozen trunk).\n")
     atomic_write_text(Path(out_dir) / "results.md", text)
     write_json(Path(out_dir) / "metrics.json", metrics(rows))
-    atomic_write_text(Path(out_dir) / "plots" / "accuracy_vs_budget.csv", plot_csv(rows, params.methods))
+    for name, metric in PLOTS.items():
+        atomic_write_text(Path(out_dir) / "plots" / name, plot_csv(rows, params.methods, metric))
     return {"rows": len(rows), "runs": len(records)}
 
 

@@ -64,6 +64,8 @@ def test_markdown_metrics_and_plot():
     assert "accuracy_std" not in nested["grace"]["top20pct"]
     assert plot_csv(rows, ("grace", "random")).splitlines() == [
         "budget_pct,grace,random", "0,0.1,0.1", "5,0.4,0.25", "20,0.6,", "100,0.5,0.5"]
+    assert plot_csv(rows, ("grace", "random"), "gold_loss").splitlines() == [  # random: mean of its two seeds
+        "budget_pct,grace,random", "0,2,2", "5,1.2,1.4", "20,1.1,", "100,1,1"]
 
 
 def test_report_writes_results_metrics_and_plot(tmp_path):
@@ -82,4 +84,8 @@ def test_report_writes_results_metrics_and_plot(tmp_path):
     assert "last 4 layers" in text and "frozen-trunk cache" in text
     assert "summed over the runs: 20 s" in text  # 5 x (1.5 + 2.0) + 2.0 for base = 19.5
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["base"]["accuracy"] == 0.1
-    assert (tmp_path / "out" / "plots" / "accuracy_vs_budget.csv").read_text().startswith("budget_pct,grace,random\n")
+    assert (tmp_path / "out" / "plots" / "accuracy_vs_budget.csv").read_text() == plot_csv(summarize(RECORDS),
+                                                                                            ("grace", "random"))
+    gold = (tmp_path / "out" / "plots" / "gold_loss_vs_budget.csv").read_text().splitlines()
+    assert gold[0] == "budget_pct,grace,random" and len(gold) == 5
+    assert gold == plot_csv(summarize(RECORDS), ("grace", "random"), "gold_loss").splitlines()
