@@ -4,8 +4,8 @@
 
 Writes results.md (the table, the settings, per-run costs), metrics.json (DVC metrics, nested
 method -> subset -> numbers), plots/accuracy_vs_budget.csv and plots/gold_loss_vs_budget.csv (DVC
-plots: x = budget_pct, one column per method; the base model at 0% and full data at 100% are every method's end points,
-since selecting nothing or everything is the same whatever the method).
+plots: x = budget_pct, one column per method; the base model at 0% and full data at 100% are every
+method's end points, since selecting nothing or everything is the same whatever the method).
 
 Random rows pool their seeds: mean and sample standard deviation (n - 1). Two "% of full" columns:
   acc % of full   100 * accuracy / accuracy(full)      (n/a when full scores 0)
