@@ -174,9 +174,14 @@ def segment_reader(segments: Path | pa.Table) -> SegmentReader:
     return _file_reader(str(path), path.stat().st_mtime_ns)
 
 
+@functools.lru_cache(maxsize=8)
+def _parsed_key_head(key_head: str) -> tuple:
+    return tuple(json.loads(key_head))  # once per run, not once per trace; a tuple, so no caller can change it
+
+
 def trace_key(key_head: str, row: dict) -> str:
     """A trace's cache key: model identity, the params that change its numbers (key_head), and its content."""
-    return _sha256(json.loads(key_head) + [row["content_hash"], row["scored_response"], trace_spans(
+    return _sha256([*_parsed_key_head(key_head), row["content_hash"], row["scored_response"], trace_spans(
         row["step_starts"], row["step_ends"], row["answer_start"], row["answer_end"])])
 
 
