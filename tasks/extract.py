@@ -50,12 +50,12 @@ from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
 from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
 
-CACHE_VERSION = "extract-v1"  # bump when the meaning of the numbers extract writes changes
+CACHE_VERSION = "extract-v2"  # v2: prompt_embedding  # bump when the meaning of the numbers extract writes changes
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
 READ_BATCH_ROWS = 512  # segments rows decoded at a time: bounds the memory of reading, not its speed
-NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_tokens_truncated
+NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_embedding
 PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("reason", pa.string()),
                          pa.field("detail", pa.string())]
                         + [EXTRACT_SCHEMA.field(name).with_nullable(True) for name in NUMBER_COLUMNS])
@@ -324,7 +324,8 @@ def _number_row(trace: EncodedTrace, numbers) -> dict:
     return {"span_token_counts": trace.span_token_counts.tolist(), "span_loss_sums": numbers.span_loss_sums.tolist(),
             "proxy_gram": numbers.proxy_gram.ravel().tolist(),
             "head_gram": None if numbers.head_gram is None else numbers.head_gram.ravel().tolist(),
-            "prompt_tokens": trace.prompt_tokens, "prompt_tokens_truncated": trace.prompt_tokens_truncated}
+            "prompt_tokens": trace.prompt_tokens, "prompt_tokens_truncated": trace.prompt_tokens_truncated,
+            "prompt_embedding": numbers.prompt_embedding.tolist()}
 
 
 def _marker_ok(spec: ShardSpec, shards: Path) -> bool:

@@ -150,6 +150,7 @@ class TraceNumbers:
     span_loss_sums: np.ndarray  # (k,) float64
     proxy_gram: np.ndarray  # (k, k) float64
     head_gram: np.ndarray | None  # (k, k) float64
+    prompt_embedding: np.ndarray  # (d,) float32 mean final hidden state over the question's tokens
 
 
 def collate(traces: list[EncodedTrace], pad_id: int, pin: bool) -> dict[str, torch.Tensor]:
@@ -163,8 +164,14 @@ def collate(traces: list[EncodedTrace], pad_id: int, pin: bool) -> dict[str, tor
     input_ids = np.full((len(traces), length), pad_id, dtype=np.int64)  # (B, T)
     for row, trace in enumerate(traces):
         input_ids[row, :len(trace.input_ids)] = trace.input_ids
+    # (B, T) averaging weights over each trace's question positions [question_start, prompt_tokens)
+    question_weights = np.zeros((len(traces), length), dtype=np.float32)
+    for row, trace in enumerate(traces):
+        start, stop = trace.question_start, max(trace.prompt_tokens, trace.question_start + 1)
+        question_weights[row, start:stop] = 1.0 / (stop - start)
     arrays = {
         "input_ids": input_ids,
+        "question_weights": question_weights,
         "flat_positions": np.concatenate([row * length + pos for row, pos in enumerate(loss_positions)]),  # (N,)
         "targets": np.concatenate([t.input_ids[pos + 1] for t, pos in zip(traces, loss_positions)]),  # (N,)
         **loss_layout([t.loss_span[pos] for t, pos in zip(traces, loss_positions)]),
@@ -185,7 +192,7 @@ class PendingBatch:
         arrays = {name: tensor.numpy() for name, tensor in self.results.items()}
         head = arrays.get("head_gram")
         return [TraceNumbers(arrays["span_loss"][row, :k], arrays["proxy_gram"][row, :k, :k],
-                             None if head is None else head[row, :k, :k])
+                             None if head is None else head[row, :k, :k], arrays["prompt_embedding"][row])
                 for row, k in enumerate(self.n_spans)]
 
 
@@ -240,11 +247,14 @@ class ProxyModel:
                 # SDPA may run plain causal (masking_utils.fast_all), a host sync per batch on CUDA; without,
                 # the same causal kernel runs and real positions get the same numbers (tested).
                 hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (B, T, d)
+                # the question's mean state, for clustering problems: a by-product of this same forward
+                prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())  # (B, d)
                 hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head
                 logits = self.head(hidden)  # (N, V)
             summaries = span_summaries(hidden.float(), logits, batch["targets"], batch, self.head_weight,
                                        softcap=self.softcap, head_dtype=self.head_dtype if head_variant else None)
-            results = {"span_loss": summaries.span_loss, "proxy_gram": summaries.proxy_gram}
+            results = {"span_loss": summaries.span_loss, "proxy_gram": summaries.proxy_gram,
+                       "prompt_embedding": prompt_embedding}
             if summaries.head_gram is not None:
                 results["head_gram"] = summaries.head_gram
             results = {name: tensor.to("cpu", non_blocking=self.cuda) for name, tensor in results.items()}

@@ -64,6 +64,8 @@ EXTRACT_SCHEMA = pa.schema(
         pa.field("head_gram", pa.list_(pa.float64()), nullable=True),  # ((K+1)^2,) exact LM-head grads, if enabled
         pa.field("prompt_tokens", pa.int32(), nullable=False),  # prompt tokens kept after truncation
         pa.field("prompt_tokens_truncated", pa.int32(), nullable=False),  # prompt tokens cut from the left
+        # (d,) mean final hidden state over the question's tokens: what the cluster stage groups problems by
+        pa.field("prompt_embedding", pa.list_(pa.float32()), nullable=False),
     ]
 )
 

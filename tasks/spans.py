@@ -44,6 +44,7 @@ class EncodedTrace:
     n_spans: int  # K steps + 1 answer
     prompt_tokens: int  # tokens before the first response token that were kept
     prompt_tokens_truncated: int  # tokens cut from the left to fit max_length
+    question_start: int = 0  # first kept position of the last prompt turn's content (its question)
 
     @property
     def span_token_counts(self) -> np.ndarray:
@@ -65,6 +66,19 @@ def trace_spans(step_starts, step_ends, answer_start: int, answer_end: int) -> l
 
 def uses_chat_template(tokenizer, chat_template: bool) -> bool:
     return chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+def question_offset(prompt_messages: str, text: str, response_start: int) -> int:
+    """Character offset in `text` of the last prompt turn's content (the question), 0 if not found.
+
+    The template's own tokens and a system prompt are the same for every trace; the question is
+    what tells problems apart, so the prompt embedding (extract) averages from here on.
+    """
+    messages = json.loads(prompt_messages)
+    content = messages[-1].get("content") if messages else None
+    if not isinstance(content, str) or not content:
+        return 0
+    return max(text.rfind(content, 0, max(response_start, 0)), 0)
 
 
 def render(tokenizer, prompt_messages: str, response: str, use_template: bool) -> tuple[str, int]:
@@ -119,7 +133,7 @@ def encode_traces(tokenizer, traces: list[tuple[str, str, list[tuple[int, int]]]
     encodings = tokenizer([text for text, _ in rendered], return_offsets_mapping=True,
                           add_special_tokens=not use_template, verbose=False).encodings
     results: list[EncodedTrace | SpanError] = []
-    for (text, response_start), encoding, (_, response, spans) in zip(rendered, encodings, traces):
+    for (text, response_start), encoding, (prompt, response, spans) in zip(rendered, encodings, traces):
         problem = _check_spans(spans, len(response))
         if response_start < 0:
             results.append(SpanError("response_not_in_template", "the chat template does not reproduce the "
@@ -127,13 +141,17 @@ def encode_traces(tokenizer, traces: list[tuple[str, str, list[tuple[int, int]]]
         elif problem:
             results.append(SpanError("invalid_spans", problem))
         else:
-            labels = token_spans(text, np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2),
-                                 (response_start, response_start + len(response)), spans)
-            results.append(_fit(np.array(encoding.ids, dtype=np.int64), labels, len(spans), max_length))
+            offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)  # (n, 2)
+            labels = token_spans(text, offsets, (response_start, response_start + len(response)), spans)
+            question_token = int(np.searchsorted(offsets[:, 1], question_offset(prompt, text, response_start),
+                                                 side="right"))  # first token ending past the question's start
+            results.append(_fit(np.array(encoding.ids, dtype=np.int64), labels, len(spans), max_length,
+                                question_token))
     return results
 
 
-def _fit(ids: np.ndarray, labels: np.ndarray, n_spans: int, max_length: int) -> EncodedTrace | SpanError:
+def _fit(ids: np.ndarray, labels: np.ndarray, n_spans: int, max_length: int,
+         question_token: int = 0) -> EncodedTrace | SpanError:
     """Drop what follows the response, cut the prompt from the left to max_length, shift labels to positions."""
     response_tokens = np.flatnonzero(labels >= 0)
     if len(response_tokens) == 0:
@@ -147,7 +165,9 @@ def _fit(ids: np.ndarray, labels: np.ndarray, n_spans: int, max_length: int) -> 
                          f"the response needs {needed} positions but max_length is {max_length}")
     cut = max(0, last + 1 - max_length)
     loss_span = np.append(labels[cut + 1:last + 1], -1).astype(np.int32)  # position t: label of token t+1
-    encoded = EncodedTrace(ids[cut:last + 1], loss_span, n_spans, first - cut, cut)
+    # the question's positions that survive the cut, at least the last prompt position
+    question_start = min(max(question_token - cut, 0), max(first - cut - 1, 0))
+    encoded = EncodedTrace(ids[cut:last + 1], loss_span, n_spans, first - cut, cut, question_start)
     counts = encoded.span_token_counts
     if (counts == 0).any():
         empty = np.flatnonzero(counts == 0).tolist()

@@ -12,7 +12,7 @@ from tasks.schema import EXTRACT_SCHEMA
 
 
 def extract_row(id_: str, vectors: np.ndarray, *, token_counts=None, loss_sums=None, head_vectors=None,
-                gram: np.ndarray | None = None) -> dict:
+                gram: np.ndarray | None = None, prompt_embedding=None) -> dict:
     """One EXTRACT_SCHEMA row; `vectors` (K+1, d) are the span gradients, steps first, answer last."""
     vectors = np.asarray(vectors, dtype=np.float64)
     spans = vectors.shape[0]
@@ -28,6 +28,7 @@ def extract_row(id_: str, vectors: np.ndarray, *, token_counts=None, loss_sums=N
         .ravel().tolist(),
         "prompt_tokens": 12,
         "prompt_tokens_truncated": 0,
+        "prompt_embedding": [0.0, 1.0] if prompt_embedding is None else [float(x) for x in prompt_embedding],
     }
 
 

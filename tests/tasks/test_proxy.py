@@ -281,3 +281,22 @@ def test_launch_queues_a_batch_without_host_sync(tiny_model_dir):
         torch.cuda.set_sync_debug_mode("default")
     for ours, theirs in zip(pending.collect(), expected):
         np.testing.assert_array_equal(ours.proxy_gram, theirs.proxy_gram)
+
+
+def test_prompt_embedding_is_the_mean_question_state_of_the_same_forward(tiny_model_dir):
+    """Batched and padded, the embedding is the mean final hidden state over [question_start, prompt_tokens)."""
+    proxy_model = ProxyModel(tiny_model_dir, "cpu")
+    prompts = [json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}])
+               for q in ("How many clips?", "Weng earns $12 an hour. How much did she earn in 50 minutes?")]
+    responses = ["She sold 24 clips.\n#### 24", "12/60 = 0.2 per minute.\n0.2 x 50 = 10.\n#### 10"]
+    encoded = encode_traces(proxy_model.tokenizer, [(p, r, line_spans(r)) for p, r in zip(prompts, responses)],
+                            chat_template=True, max_length=512)
+    batched = proxy_model.launch(encoded, head_variant=False).collect()
+    for trace, numbers in zip(encoded, batched):
+        assert 0 < trace.question_start < trace.prompt_tokens  # the system turn is left out
+        with torch.no_grad():
+            hidden = proxy_model.decoder(input_ids=torch.tensor([trace.input_ids])).last_hidden_state[0]  # (T, d)
+        expected = hidden[trace.question_start:trace.prompt_tokens].mean(0).numpy()
+        assert numbers.prompt_embedding.shape == expected.shape
+        np.testing.assert_allclose(numbers.prompt_embedding, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(batched[0].prompt_embedding, batched[1].prompt_embedding)

@@ -147,3 +147,19 @@ def test_spans_without_tokens_or_out_of_order_are_refused(bpe_tokenizer):
     for spans in ([(0, 5), (3, 9)], [(0, 5), (6, 99)], [(2, 2), (3, 9)]):
         result = encode_one(bpe_tokenizer, "She sold 24 clips.", spans=spans)
         assert isinstance(result, SpanError) and result.reason == "invalid_spans", spans
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_question_start_is_the_first_token_of_the_last_prompt_turn(tokenizer, chat_template):
+    """The prompt embedding averages from the question on: template and system tokens are the same for every trace."""
+    response = "Step one.\n#### 3"
+    encoded = encode_one(tokenizer, response, chat_template=chat_template)
+    use_template = chat_template and tokenizer.chat_template is not None
+    text, _ = render(tokenizer, PROMPT, response, use_template)
+    offsets = np.array(tokenizer(text, return_offsets_mapping=True, add_special_tokens=not use_template)
+                       ["offset_mapping"]).reshape(-1, 2)
+    question_at = text.index(json.loads(PROMPT)[-1]["content"])
+    assert use_template == (question_at > 0)  # the template puts tokens before the question
+    assert 0 <= encoded.question_start < encoded.prompt_tokens
+    assert offsets[encoded.question_start, 1] > question_at  # the question's first token is in
+    assert (offsets[:encoded.question_start, 1] <= question_at).all()  # everything before it is out

@@ -41,7 +41,8 @@ def build_outputs(root: Path) -> Path:
 
     extract = [{"id": i, "content_hash": r["content_hash"], "n_steps": 1, "span_token_counts": [5, 3],
                 "span_loss_sums": [4.0, 1.5], "proxy_gram": [1.0, 0.2, 0.2, 1.0], "head_gram": None,
-                "prompt_tokens": 12, "prompt_tokens_truncated": 0} for i, r in zip(ids, rows)]
+                "prompt_tokens": 12, "prompt_tokens_truncated": 0, "prompt_embedding": [0.0, 1.0]}
+               for i, r in zip(ids, rows)]
     for shard, part in (("part-00000", extract[:12]), ("part-00001", extract[12:])):
         table = pa.Table.from_pylist(part, schema=EXTRACT_SCHEMA)
         write_parquet(outputs / "extract" / "shards" / f"{shard}.parquet", table)
