@@ -32,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner
 
 import tasks.aggregate
+import tasks.cluster
 import tasks.export
 import tasks.extract
 import tasks.ingest
@@ -57,12 +58,14 @@ STAGE_PATHS: dict[str, dict[str, str]] = {
     "extract": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
                 "out_dir": "{outputs}/extract"},
     "score": {"extract": "{outputs}/extract", "out_dir": "{outputs}/score"},
+    "cluster": {"extract": "{outputs}/extract", "out_dir": "{outputs}/cluster"},
     "unconditional": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
                       "out_dir": "{outputs}/unconditional"},
     "aggregate": {"step_scores": "{outputs}/score/step_scores.parquet", "extract": "{outputs}/extract",
                   "unconditional": "{outputs}/unconditional/losses.parquet", "out_dir": "{outputs}/aggregate"},
     "select": {"sample_scores": "{outputs}/aggregate/sample_scores.parquet",
-               "segments": "{outputs}/segment/segments.parquet", "out_dir": "{outputs}/select"},
+               "segments": "{outputs}/segment/segments.parquet", "clusters": "{outputs}/cluster/clusters.parquet",
+               "out_dir": "{outputs}/select"},
     "validate": {"outputs": "{outputs}", "out_dir": "{outputs}/validate"},
     "export": {"subsets": "{outputs}/select/subsets", "segments": "{outputs}/segment/segments.parquet",
                "out_dir": "{outputs}/export"},
@@ -137,6 +140,12 @@ def score_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     return tasks.score.score(extract, out_dir, stage_params(tasks.score, params_path))
 
 
+@task(name="cluster", **STAGE_TASK)
+def cluster_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
+    """Group the traces' problems by the scoring model's prompt embedding."""
+    return tasks.cluster.cluster(extract, out_dir, stage_params(tasks.cluster, params_path))
+
+
 @task(name="unconditional", **STAGE_TASK)
 def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Compute each response's loss without its question (the IFD baseline's denominator)."""
@@ -153,9 +162,10 @@ def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_di
 
 
 @task(name="select", **STAGE_TASK)
-def select_task(sample_scores: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
+def select_task(sample_scores: Path, segments: Path, clusters: Path, out_dir: Path, params_path: Path) -> dict:
     """Rank traces and write the subsets."""
-    return tasks.select.select(sample_scores, segments, out_dir, stage_params(tasks.select, params_path))
+    return tasks.select.select(sample_scores, segments, out_dir, stage_params(tasks.select, params_path),
+                               clusters=clusters)
 
 
 @task(name="validate", **STAGE_TASK)
@@ -300,6 +310,7 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
         stages["extract"] = extract_sharded.with_options(task_runner=runner)(**shard_paths,
                                                                             params_path=params_file.resolve())
     stages["score"] = score_task(**paths["score"], params_path=params_file)
+    stages["cluster"] = cluster_task(**paths["cluster"], params_path=params_file)
     stages["unconditional"] = unconditional_task(**paths["unconditional"], params_path=params_file)
     stages["aggregate"] = aggregate_task(**paths["aggregate"], params_path=params_file)
     stages["select"] = select_task(**paths["select"], params_path=params_file)

@@ -8,6 +8,7 @@ between stages: writers cast to them, readers may rely on them, validate checks 
     segment  -> segments.parquet    TRACE_COLUMNS + SPAN_COLUMNS
     extract  -> shards/*.parquet    EXTRACT_SCHEMA   (one row per trace, span order: steps..., answer)
     score    -> step_scores.parquet STEP_SCORE_SCHEMA (one row per step)
+    cluster  -> clusters.parquet    CLUSTER_SCHEMA   (one row per extracted trace)
     aggregate-> sample_scores.parquet SAMPLE_SCORE_SCHEMA (one row per trace)
     select   -> <subset>/ids.txt, <subset>/subset.jsonl, manifest.json
 
@@ -89,6 +90,14 @@ SAMPLE_SCORE_SCHEMA = pa.schema(
         pa.field("method", pa.string(), nullable=False),  # score.method that produced it
         pa.field("n_steps", pa.int32(), nullable=False),
         pa.field("n_tokens", pa.int32(), nullable=False),  # response loss tokens (steps + answer)
+    ]
+)
+
+# ---- cluster: one row per extracted trace ----------------------------------------------------
+CLUSTER_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("cluster", pa.int32(), nullable=False),  # 0 = the largest cluster
     ]
 )
 

@@ -11,6 +11,13 @@ kept trace outranks every dropped one (packing shorter traces past that point wo
 length, not by score). With `stratify_by`, each stratum gets its share of every subset
 (largest-remainder counts; a budget split by the strata's trace counts) and is filled best-first.
 
+With `within_clusters` the strata are the cluster stage's problem clusters (combined with
+`stratify_by` if both are set): each cluster keeps its share of every subset, filled by score.
+Why shares rather than scores standardised within clusters: a share fixes the subset's problem mix
+to the pool's exactly (a random subset's mix in expectation), whatever the score's scale does inside
+a cluster, and it needs no assumption that scores are comparable across clusters after z-scoring.
+Every subset reports how many clusters it covers, with or without this option.
+
 Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet and
 manifest.json (also the DVC metrics file).
 """
@@ -30,6 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.cluster import read_clusters
 from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
 
 MISSING_STRATUM = "<missing>"
@@ -49,6 +57,7 @@ class Params:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # one subset per fraction of the scored traces
     token_budget: int | None = None  # also one subset whose response tokens fit this budget
     stratify_by: str | None = None  # a field of the input record; each stratum keeps its share
+    within_clusters: bool = False  # each problem cluster (cluster stage) keeps its share of every subset
 
     def check(self) -> None:
         for fraction in self.fractions:
@@ -65,6 +74,8 @@ class Params:
             raise ParamsError("select.fractions is empty and select.token_budget is null: nothing to select")
         if self.stratify_by is not None and (not isinstance(self.stratify_by, str) or not self.stratify_by):
             raise ParamsError(f"select.stratify_by: {self.stratify_by!r} is not a field name or null")
+        if not isinstance(self.within_clusters, bool):
+            raise ParamsError(f"select.within_clusters: {self.within_clusters!r}; expected true or false")
 
 
 def fraction_subset_name(fraction: float) -> str:
@@ -171,22 +182,36 @@ def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) 
             "sha256_ids_txt": sha256_hex(ids_txt.encode("utf-8"))}
 
 
-def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -> dict:
-    """Rank traces by score and write the top-fraction and token-budget subsets."""
+def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, clusters: Path | None = None) -> dict:
+    """Rank traces by score and write the top-fraction and token-budget subsets.
+
+    `clusters` (the cluster stage's clusters.parquet) gives each subset's cluster coverage and is
+    needed by `within_clusters`; without it coverage is not reported.
+    """
     scores, method = read_scores(sample_scores)
     ids, n = scores["id"], len(scores["id"])
     segment_table = pq.read_table(segments, columns=["id", "raw"]).to_pydict()
     raw_by_id = dict(zip(segment_table["id"], segment_table["raw"]))
+    if clusters is None and params.within_clusters:
+        raise ValueError("select.within_clusters needs the cluster stage's clusters.parquet (--clusters)")
+    cluster_of = {} if clusters is None else read_clusters(clusters)
+    unclustered = [] if clusters is None else [i for i in ids if i not in cluster_of]
+    if unclustered:
+        raise ValueError(f"select: {len(unclustered)} scored ids have no cluster in {clusters} "
+                         f"(e.g. {unclustered[:5]}); rerun the cluster stage on the same extract output")
 
     ranked = rank_order(ids, scores["score"])
     strata: dict[str, list[int]] = {"all": ranked}
-    if params.stratify_by is not None:
+    if params.stratify_by is not None or params.within_clusters:
         missing = [i for i in ids if i not in raw_by_id]
         if missing:
             raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in {segments}: {missing[:5]}")
         strata = {}
         for row in ranked:  # each stratum's list stays in rank order
-            strata.setdefault(stratum_of(raw_by_id[ids[row]], params.stratify_by), []).append(row)
+            parts = [] if params.stratify_by is None else [stratum_of(raw_by_id[ids[row]], params.stratify_by)]
+            if params.within_clusters:
+                parts.append(f"cluster-{cluster_of[ids[row]]}")
+            strata.setdefault(" / ".join(parts), []).append(row)
 
     rank_of = {row: position for position, row in enumerate(ranked)}
     subsets_dir = out_dir / "subsets"
@@ -202,6 +227,7 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
             "n_tokens": sum(scores["n_tokens"][row] for row in rows),
             "score_threshold": scores["score"][rows[-1]] if rows else None,  # lowest kept score
             "method": method,
+            "n_clusters_covered": len({cluster_of[i] for i in chosen}) if cluster_of else None,
         }
         if params.stratify_by is not None:
             strata_counts = Counter(stratum_of(raw_by_id[i], params.stratify_by) for i in chosen)
@@ -225,6 +251,8 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
         "n_scored": n,
         "method": method,
         "stratify_by": params.stratify_by,
+        "within_clusters": params.within_clusters,
+        "n_clusters": len(set(cluster_of.values())) if cluster_of else None,
         "n_selected": {name: entry["n_selected"] for name, entry in manifest_subsets.items()},
         "subsets": manifest_subsets,
     }
@@ -239,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         [
             ("sample_scores", "aggregate's sample_scores.parquet"),
             ("segments", "segment's segments.parquet (the raw input records)"),
+            ("clusters", "the cluster stage's clusters.parquet (problem clusters: coverage, within_clusters)"),
             ("out_dir", "where subsets/ and manifest.json go"),
         ],
         select,

@@ -22,7 +22,7 @@ import yaml
 
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
-STAGES = {"ingest", "segment", "model", "extract", "score", "unconditional", "aggregate", "select", "validate",
+STAGES = {"ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
           "export", "report"}
 AFTER_SELECT = {"validate", "export", "report"}
 

@@ -25,9 +25,9 @@ from flows.curate import (SUMMARY_ARTIFACT_KEY, curate, dask_task_runner, ingest
 from tasks.validate import ExpectationsFailed
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
-STAGES = ["ingest", "segment", "model", "extract", "score", "unconditional", "aggregate", "select", "validate",
+STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
           "export", "report"]
-COUNTED = ["ingest", "segment", "extract", "score", "unconditional", "aggregate", "export", "report"]
+COUNTED = ["ingest", "segment", "extract", "score", "cluster", "unconditional", "aggregate", "export", "report"]
 
 
 def run_curate(root: Path):

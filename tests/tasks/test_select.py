@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA
+from tasks.schema import CLUSTER_SCHEMA, SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA
 from tasks.select import Params, fraction_size, largest_remainder, main, select
 from tasks.stage import ParamsError, params_from_dict, write_parquet
 
@@ -211,7 +211,11 @@ def test_command_line_reads_params_yaml(inputs, tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text("select:\n  fractions: [0.25]\n  token_budget: 50\n  stratify_by: null\n")
     out = tmp_path / "out"
+    clusters = tmp_path / "clusters.parquet"
+    write_parquet(clusters, pa.table({"id": inputs["ids"], "cluster": [i % 3 for i in range(len(inputs["ids"]))]},
+                                     schema=CLUSTER_SCHEMA))
     main(["--params", str(params_file), "--sample-scores", str(inputs["sample_scores"]),
-          "--segments", str(inputs["segments"]), "--out-dir", str(out)])
+          "--segments", str(inputs["segments"]), "--clusters", str(clusters), "--out-dir", str(out)])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_selected"]["top25pct"] == 10 and "budget50tok" in manifest["subsets"]
+    assert manifest["n_clusters"] == 3 and manifest["subsets"]["top25pct"]["n_clusters_covered"] == 3
