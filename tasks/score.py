@@ -31,6 +31,7 @@ from tasks.schema import STEP_SCORE_SCHEMA
 from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
+GRADIENTS = ("proxy", "head")  # proxy_gram | head_gram of the extract output
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
 
 
@@ -44,7 +45,7 @@ class Params:
     first_step: str = "alpha"  # c_1 has no past: alpha (c_1 = alpha_1) | skip (step 1 unscored)
 
     def check(self) -> None:
-        choices = {"method": METHODS, "gradient": ("proxy", "head"), "trajectory": ("sum", "ema"),
+        choices = {"method": METHODS, "gradient": GRADIENTS, "trajectory": ("sum", "ema"),
                    "first_step": ("alpha", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tasks import aggregate, extract, ingest, score, select
+from tasks import aggregate, cluster, extract, ingest, score, select
 from tasks.finetune_eval import Params, build_subsets, main
 from tasks.finetune_runs import evaluation_problems, run_all, run_key
 from tasks.finetune_runs import main as runs_main
@@ -34,15 +34,20 @@ def curation(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     segments = build_segments(root, [dict(row) for row in GSM_ROWS] + MORE_ROWS)
     extract_dir = build_extract(root, segments, tiny_model_dir)
     score.score(extract_dir, root / "score", score.Params())
+    cluster.cluster(extract_dir, root / "cluster", cluster.Params(n_clusters=3))
     (root / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in TEST_ROWS), encoding="utf-8")
     ingest.ingest(root / "test.jsonl", root / "test", ingest.Params())
     return {"segments": segments, "extract": extract_dir, "step_scores": root / "score" / "step_scores.parquet",
-            "test": root / "test" / "traces.parquet", "model": tiny_model_dir}
+            "test": root / "test" / "traces.parquet", "model": tiny_model_dir,
+            "clusters": root / "cluster" / "clusters.parquet"}
 
 
-def subsets(curation: dict, out_dir: Path, params: Params) -> dict:
+def subsets(curation: dict, out_dir: Path, params: Params, scorers: Path | None = None,
+            warmup: Path | None = None) -> dict:
     return build_subsets(curation["step_scores"], curation["extract"], out_dir / "no-unconditional.parquet",
-                         curation["segments"], out_dir, params, score.Params(), aggregate.Params(), select.Params())
+                         curation["segments"], curation["clusters"], scorers or out_dir / "no-scorers",
+                         warmup or out_dir / "no-warmup", out_dir, params, score.Params(), aggregate.Params(),
+                         select.Params())
 
 
 def test_every_method_goes_through_aggregate_and_select(curation, tmp_path):
@@ -149,12 +154,62 @@ def test_params_defaults_are_the_params_yaml_section():
 def test_subsets_cli_reads_its_sections(curation, tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({"finetune_eval": {"methods": ["length"], "fractions": [0.5],
-                                                             "include_base": False},
+                                                             "include_base": False, "variants": [],
+                                                             "scorers": {}},
                                            "select": {"stratify_by": "nonexistent_field"}}))
     stats = main(["--params", str(params_file), "--step-scores", str(curation["step_scores"]),
                   "--extract", str(curation["extract"]), "--unconditional", str(tmp_path / "none.parquet"),
-                  "--segments", str(curation["segments"]), "--out-dir", str(tmp_path / "out")])
+                  "--segments", str(curation["segments"]), "--clusters", str(curation["clusters"]),
+                  "--scorers", str(tmp_path / "scorers"), "--warmup", str(tmp_path / "warmup"),
+                  "--out-dir", str(tmp_path / "out")])
     runs = json.loads((tmp_path / "out" / "index.json").read_text())["runs"]
     assert stats == {"runs": 2} and [run["name"] for run in runs] == ["length-top50pct", "full"]
     manifest = json.loads((tmp_path / "out" / "length" / "select" / "manifest.json").read_text())
     assert "nonexistent_field" in json.dumps(manifest)  # select's own section reached select
+
+
+def test_variants_score_their_own_way_and_record_coverage_and_warmup_overlap(curation, tmp_path):
+    """A within-cluster variant, a head-gradient variant and a warmed scorer on a pool of 6 of the 8 traces."""
+    from tasks import warmup
+    from tasks.finetune_scorers import build_scorers
+
+    params = Params(methods=("grace",), fractions=(0.25,), scorers={"warm": {"model": "warmup", "pool": 6}},
+                    variants=({"name": "grace-clusters", "within_clusters": True},
+                              {"name": "grace-head", "gradient": "head"},
+                              {"name": "grace-warm", "scorer": "warm"}))
+    warmup.warmup(curation["segments"], curation["model"], tmp_path / "warmup", warmup.Params(fraction=0.25))
+    built = build_scorers(curation["segments"], curation["model"], tmp_path / "warmup", tmp_path / "scorers",
+                          params, extract.Params(cache_dir=None))
+    assert built["warm"]["read"] == 6
+    assert subsets(curation, tmp_path / "out", params, tmp_path / "scorers", tmp_path / "warmup") == {"runs": 6}
+    runs = {run["name"]: run for run in json.loads((tmp_path / "out" / "index.json").read_text())["runs"]}
+    assert list(runs) == ["base", "grace-top25pct", "full", "grace-clusters-top25pct", "grace-head-top25pct",
+                          "grace-warm-top25pct"]
+    ids = {name: (tmp_path / "out" / run["ids"]).read_text().split() for name, run in runs.items() if run["ids"]}
+    assert {name: len(value) for name, value in ids.items()} == {
+        "grace-top25pct": 2, "full": 8, "grace-clusters-top25pct": 2, "grace-head-top25pct": 2,
+        "grace-warm-top25pct": 2}  # the pooled scorer keeps as many traces as every other row
+    assert runs["grace-clusters-top25pct"]["method"] == "grace-clusters"  # a row of its own in the table
+    assert runs["grace-clusters-top25pct"]["variant"]["within_clusters"] is True
+    assert runs["grace-clusters-top25pct"]["n_clusters_covered"] == 2  # two traces, two of the three clusters
+    assert runs["grace-warm-top25pct"]["n_scored"] == 6
+    warmed_on = set((tmp_path / "warmup" / "ids.txt").read_text().split())
+    assert runs["grace-warm-top25pct"]["warmup_overlap"] == len(set(ids["grace-warm-top25pct"]) & warmed_on)
+    pool = set(pq.read_table(tmp_path / "scorers" / "warm" / "segments.parquet").column("id").to_pylist())
+    assert set(ids["grace-warm-top25pct"]) <= pool
+    head = pq.read_table(tmp_path / "out" / "grace-head" / "aggregate" / "sample_scores.parquet")
+    plain = pq.read_table(tmp_path / "out" / "grace" / "aggregate" / "sample_scores.parquet")
+    assert head.column("score").to_pylist() != plain.column("score").to_pylist()  # its own gradient source
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"variants": [{"name": "grace"}]}, "finetune_eval.variants"),  # a method's own row name
+    ({"variants": [{"name": "x", "scorer": "missing"}]}, "finetune_eval.variants"),
+    ({"variants": [{"name": "x", "colour": "red"}]}, "finetune_eval.variants"),
+    ({"scorers": {"base": {}}}, "finetune_eval.scorers"),
+    ({"scorers": {"w": {"model": "other"}}}, "finetune_eval.scorers"),
+    ({"scorers": {"w": {"pool": 0}}}, "finetune_eval.scorers"),
+])
+def test_variant_params_name_the_setting(values, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(Params, "finetune_eval", {"variants": [], "scorers": {}, **values})
