@@ -150,6 +150,7 @@ class TraceNumbers:
     span_loss_sums: np.ndarray  # (k,) float64
     proxy_gram: np.ndarray  # (k, k) float64
     head_gram: np.ndarray | None  # (k, k) float64
+    projected_gram: np.ndarray | None = None  # (k, k) float64: tasks/projected.py, extract.projected only
 
 
 def collate(traces: list[EncodedTrace], pad_id: int, pin: bool) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from tasks.schema import STEP_SCORE_SCHEMA
 from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
+GRAM_COLUMNS = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}
+EXTRACT_SWITCH = {"head": "extract.head_variant: true", "projected": "extract.projected: true"}
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
 
 
@@ -38,13 +40,14 @@ ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far 
 class Params:
     method: str = "grace"  # grace, or a baseline (tasks/baselines.py)
     gradient: str = "proxy"  # proxy (representation-level r_t) | head (exact LM-head inner products)
+    # | projected (projected exact gradients of the blocks' linear layers: extract.projected)
     lambda_: float = 0.5  # weight of alignment vs consistency in the step score
     trajectory: str = "sum"  # sum (running sum of past steps) | ema (recent steps weigh more)
     ema_beta: float = 0.9  # EMA decay: higher = longer memory
     first_step: str = "alpha"  # c_1 has no past: alpha (c_1 = alpha_1) | skip (step 1 unscored)
 
     def check(self) -> None:
-        choices = {"method": METHODS, "gradient": ("proxy", "head"), "trajectory": ("sum", "ema"),
+        choices = {"method": METHODS, "gradient": tuple(GRAM_COLUMNS), "trajectory": ("sum", "ema"),
                    "first_step": ("alpha", "skip")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -56,7 +59,7 @@ class Params:
 
 
 def gram_column(gradient: str) -> str:
-    return "head_gram" if gradient == "head" else "proxy_gram"
+    return GRAM_COLUMNS[gradient]
 
 
 def list_rows(table: pa.Table, column: str, rows: np.ndarray, width: int) -> np.ndarray:
@@ -74,7 +77,7 @@ def grams_by_step_count(table: pa.Table, gradient: str) -> Iterator[tuple[int, n
     column = gram_column(gradient)
     if table[column].null_count:
         raise ValueError(f"score.gradient={gradient} needs {column}, missing for {table[column].null_count} "
-                         "traces: run extract with extract.head_variant: true, or use score.gradient: proxy")
+                         f"traces: run extract with {EXTRACT_SWITCH[gradient]}, or use score.gradient: proxy")
     n_steps = table["n_steps"].to_numpy()
     for k in np.unique(n_steps):
         rows = np.flatnonzero(n_steps == k)
