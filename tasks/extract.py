@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +45,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from tasks.projected import ProjectedModel, ProjectedSpec
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
 from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
 
-CACHE_VERSION = "extract-v2"  # v2: prompt_embedding  # bump when the meaning of the numbers extract writes changes
+CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
 READ_BATCH_ROWS = 512  # segments rows decoded at a time: bounds the memory of reading, not its speed
-NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_embedding
+NUMBER_COLUMNS = EXTRACT_SCHEMA.names[3:]  # span_token_counts ... prompt_embedding, projected_gram
+# Pack columns that packs written before they existed lack; null is their value there: a cached trace
+# with a projected Gram has extract.projected in its key, so a pack from before has none to give.
+LATER_COLUMNS = ("projected_gram",)
 PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("reason", pa.string()),
                          pa.field("detail", pa.string())]
                         + [EXTRACT_SCHEMA.field(name).with_nullable(True) for name in NUMBER_COLUMNS])
@@ -72,6 +76,13 @@ class Params:
     cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
     workers: int | str = 0  # 0 = in process; N = Dask LocalCluster of N workers; gpus = one per GPU (Prefect flow only)
     scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
+    projected: bool = False  # also the projected exact-gradient Gram (tasks/projected.py): ~K+2 backward costs per trace
+    projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = closer to exact, more memory; null = exact
+    projection: str = "gaussian"  # gaussian | rademacher
+    projected_target: str = "linear"  # linear (every nn.Linear of the blocks) | lora (LESS-style adapters, dL/dB)
+    projected_blocks: int | None = None  # null = every decoder block; N = the top N (the backward stops there)
+    projection_seed: int = 0  # projections (and LoRA adapters)
+    projected_lora_r: int = 8  # projected_target lora: adapter rank
 
     def check(self) -> None:
         for name in ("batch_tokens", "shard_size"):
@@ -81,6 +92,18 @@ class Params:
             raise ParamsError(f"extract.max_length must be null or at least 2, got {self.max_length}")
         if self.workers != "gpus" and (not isinstance(self.workers, int) or self.workers < 0):
             raise ParamsError(f"extract.workers must be 0, a positive integer or gpus, got {self.workers!r}")
+        try:
+            projected_spec(replace(self, projected=True)).check()  # checked even while off: a typo shows now
+        except ValueError as error:
+            raise ParamsError(f"extract.projected settings: {error}") from None
+
+
+def projected_spec(params: Params) -> ProjectedSpec | None:
+    """The projected source's settings, or None where extract.projected is off."""
+    if not params.projected:
+        return None
+    return ProjectedSpec(params.projected_target, params.projected_blocks, params.projection_dim, params.projection,
+                         params.projection_seed, params.projected_lora_r)
 
 
 @dataclass(frozen=True)
@@ -194,6 +217,8 @@ def plan_shards(segments: Path | pa.Table, params: Params, model: Path) -> list[
     device = resolve_device(params.device)
     numerics = {"max_length": params.max_length, "chat_template": params.chat_template,
                 "head_variant": params.head_variant, "precision": precision(device)}
+    if params.projected:  # only then: the keys of every existing cache stay as they are
+        numerics["projected"] = asdict(projected_spec(params))
     key_head = json.dumps([CACHE_VERSION, model_identity(model), numerics])
     specs: list[ShardSpec] = []
     ids: list[str] = []
@@ -280,9 +305,9 @@ def _pack_cache(root: str) -> PackCache:
 
 
 @functools.lru_cache(maxsize=1)
-def load_model(model: str, device: str) -> ProxyModel:
+def load_model(model: str, device: str, projected: ProjectedSpec | None = None) -> ProxyModel:
     """The model, loaded once per process (a Dask worker keeps it across shards)."""
-    return ProxyModel(Path(model), device)
+    return ProxyModel(Path(model), device) if projected is None else ProjectedModel(Path(model), device, projected)
 
 
 def pack_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -325,7 +350,8 @@ def _number_row(trace: EncodedTrace, numbers) -> dict:
             "proxy_gram": numbers.proxy_gram.ravel().tolist(),
             "head_gram": None if numbers.head_gram is None else numbers.head_gram.ravel().tolist(),
             "prompt_tokens": trace.prompt_tokens, "prompt_tokens_truncated": trace.prompt_tokens_truncated,
-            "prompt_embedding": numbers.prompt_embedding.tolist()}
+            "prompt_embedding": numbers.prompt_embedding.tolist(),
+            "projected_gram": None if numbers.projected_gram is None else numbers.projected_gram.ravel().tolist()}
 
 
 def _marker_ok(spec: ShardSpec, shards: Path) -> bool:
@@ -367,7 +393,7 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
     missing = [i for i, key in enumerate(keys) if key not in outcomes]
     if not missing:
         return _Prepared(spec, False, rows, keys, outcomes, seconds=time.perf_counter() - started)
-    proxy_model = load_model(str(model), spec.device)  # once per process; not counted as preparation
+    proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not counted as preparation
     looked_up, started = time.perf_counter() - started, time.perf_counter()
     encodings = encode_traces(proxy_model.tokenizer, [
         (rows[i]["prompt_messages"], rows[i]["scored_response"],
@@ -412,7 +438,8 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm |
         outcome = outcomes[key]
         if outcome["reason"] is None:
             kept.append({"id": row["id"], "content_hash": row["content_hash"], "n_steps": len(row["step_starts"]),
-                         **{name: outcome[name] for name in NUMBER_COLUMNS}})
+                         **{name: outcome[name] for name in NUMBER_COLUMNS if name not in LATER_COLUMNS},
+                         **{name: outcome.get(name) for name in LATER_COLUMNS}})
         else:
             quarantine.append(QuarantineRecord("extract", outcome["reason"], outcome["detail"], id=row["id"],
                                                source_row=row["source_row"], record=row["scored_response"]))

@@ -151,6 +151,7 @@ class TraceNumbers:
     proxy_gram: np.ndarray  # (k, k) float64
     head_gram: np.ndarray | None  # (k, k) float64
     prompt_embedding: np.ndarray  # (d,) float32 mean final hidden state over the question's tokens
+    projected_gram: np.ndarray | None = None  # (k, k) float64: tasks/projected.py, extract.projected only
 
 
 def collate(traces: list[EncodedTrace], pad_id: int, pin: bool) -> dict[str, torch.Tensor]:

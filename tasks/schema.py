@@ -67,6 +67,7 @@ EXTRACT_SCHEMA = pa.schema(
         pa.field("prompt_tokens_truncated", pa.int32(), nullable=False),  # prompt tokens cut from the left
         # (d,) mean final hidden state over the question's tokens: what the cluster stage groups problems by
         pa.field("prompt_embedding", pa.list_(pa.float32()), nullable=False),
+        pa.field("projected_gram", pa.list_(pa.float64()), nullable=True),  # ((K+1)^2,) projected exact grads, if enabled
     ]
 )
 

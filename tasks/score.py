@@ -31,7 +31,9 @@ from tasks.schema import STEP_SCORE_SCHEMA
 from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
-GRADIENTS = ("proxy", "head")  # proxy_gram | head_gram of the extract output
+GRAM_COLUMNS = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}
+GRADIENTS = tuple(GRAM_COLUMNS)  # score.gradient choices
+EXTRACT_SWITCH = {"head": "extract.head_variant: true", "projected": "extract.projected: true"}
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
 
 
@@ -39,6 +41,7 @@ ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far 
 class Params:
     method: str = "grace"  # grace, or a baseline (tasks/baselines.py)
     gradient: str = "proxy"  # proxy (representation-level r_t) | head (exact LM-head inner products)
+    # | projected (projected exact gradients of the blocks' linear layers: extract.projected)
     lambda_: float = 0.5  # weight of alignment vs consistency in the step score
     trajectory: str = "sum"  # sum (running sum of past steps) | ema (recent steps weigh more)
     ema_beta: float = 0.9  # EMA decay: higher = longer memory
@@ -57,7 +60,7 @@ class Params:
 
 
 def gram_column(gradient: str) -> str:
-    return "head_gram" if gradient == "head" else "proxy_gram"
+    return GRAM_COLUMNS[gradient]
 
 
 def list_rows(table: pa.Table, column: str, rows: np.ndarray, width: int) -> np.ndarray:
@@ -75,7 +78,7 @@ def grams_by_step_count(table: pa.Table, gradient: str) -> Iterator[tuple[int, n
     column = gram_column(gradient)
     if table[column].null_count:
         raise ValueError(f"score.gradient={gradient} needs {column}, missing for {table[column].null_count} "
-                         "traces: run extract with extract.head_variant: true, or use score.gradient: proxy")
+                         f"traces: run extract with {EXTRACT_SWITCH[gradient]}, or use score.gradient: proxy")
     n_steps = table["n_steps"].to_numpy()
     for k in np.unique(n_steps):
         rows = np.flatnonzero(n_steps == k)

@@ -1,0 +1,235 @@
+"""The projected gradient source (extract.projected): exact per-span weight gradients, randomly projected.
+
+For a linear layer y = W x (W: (d_out, d_in)) the gradient of span s's loss is
+    G_s = sum_t delta_t^s x_t^T,   delta_t^s = dL_s / dy_t  (d_out),  x_t the layer input (d_in),
+summed over every position t of the trace (a position feeds the losses of all later ones). It is
+never formed. Each layer gets two seeded projections, P_in (d_in, k_in) and P_out (d_out, k_out),
+with i.i.d. N(0, 1/k) (or +-1/sqrt(k) Rademacher) entries, and extract keeps
+    G^_s = P_out^T G_s P_in = sum_t (P_out^T delta_t^s)(P_in^T x_t)^T     (k_out, k_in)
+concatenated over layers, and the float64 Gram <G^_i, G^_j> of the K+1 spans (proxy_gram's shape).
+E[P P^T] = I for each factor and the two are independent, so every Gram entry is unbiased:
+E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. Its variance, in units of |A|_F |B|_F, is at most
+v = (1 + 2/k_out)(1 + 2/k_in) - 1 for a rank-one layer gradient (~4/k; tests/tasks/test_projected.py
+checks it), and layers' errors are independent, so a Gram entry's error shrinks with the number of
+layers that carry the gradient. A factor whose size is at most k is kept whole (exact, no larger);
+projection_dim null keeps every factor whole: the Grams are then exactly those of the weight
+gradients (biases are left out: d_out numbers against d_out * d_in).
+
+Why the Kronecker-factored form (LoGra, Choe et al. 2024) and not TRAK/LESS's dense projection of
+the flattened gradient: a dense (P, k) Rademacher matrix for the P ~ 1e8 block weights of the 135M
+default model is 1e8 * k numbers (0.4 GB per projected dimension), regenerated or streamed for every
+span, and it needs the flat per-span gradient (0.4 GB each) before projecting. The factored form
+needs only what the forward and backward passes already hold per layer, x (T, d_in) and delta
+(T, d_out), plus two (d, k) matrices per layer; its cost is two thin matmuls per layer.
+
+How delta arrives without its (K+1, T, d_out) tensors: each chosen layer's output gets a zero
+"probe" z (T, k_out) added through y + z P_out^T, so dL_s/dz = delta^s P_out is the projected
+upstream signal itself, and autograd returns only those thin tensors. The K+1 span losses come from
+one forward: their gradient w.r.t. the final hidden states is r_t (the proxy's W^T delta_t, by
+one backward through the head) on span s's positions and zero elsewhere, so one batched
+vector-Jacobian product (torch.autograd.grad, is_grads_batched: the backward vmapped over the K+1
+cotangents) runs every span's backward pass through the decoder at once. Where vmap does not cover
+the model's ops, a loop of K+1 backward passes over the kept graph gives the same numbers (detected
+once per model, logged). The model's weights never need gradients: the backward stops at the
+lowest probed layer (projected_blocks: N runs it through the top N blocks only).
+
+Targets: `linear`, every nn.Linear of the chosen decoder blocks (q, k, v, o, gate, up, down for
+Llama); `lora`, fresh LoRA adapters (peft, rank r, the exact-mode seed and init, tasks/exact.py) on
+q/k/v/o as LESS (Xia et al., 2024) takes them: B = 0, so dL/dA = 0 and the signal is
+dL/dB = sum_t delta_t (A x_t)^T, the lora_B layer's own weight gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tasks.exact import decoder_blocks
+from tasks.proxy import ProxyModel, TraceNumbers, collate, span_summaries
+from tasks.spans import EncodedTrace
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("gaussian", "rademacher")
+PROJECTED_TARGETS = ("linear", "lora")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient features
+
+
+@dataclass(frozen=True)
+class ProjectedSpec:
+    """Which layers the projected source differentiates and how it projects them (module docstring)."""
+
+    target: str = "linear"  # linear | lora
+    blocks: int | None = None  # null = every decoder block; N = the top N
+    dim: int | None = 32  # k_in = k_out per layer; null = no projection (exact Grams)
+    projection: str = "gaussian"  # gaussian | rademacher
+    seed: int = 0  # projections, and the LoRA adapters' A
+    lora_r: int = 8  # lora: adapter rank
+
+    def check(self) -> None:
+        if self.target not in PROJECTED_TARGETS:
+            raise ValueError(f"projected target {self.target!r}: choose one of {list(PROJECTED_TARGETS)}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection {self.projection!r}: choose one of {list(PROJECTIONS)}")
+        for name in ("blocks", "dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"projected {name}={getattr(self, name)}: null or a positive integer")
+        if self.lora_r < 1:
+            raise ValueError(f"projected lora_r={self.lora_r}: must be >= 1")
+
+
+def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, kind: str) -> torch.Tensor | None:
+    """(d, k) float32 projection of one factor of one layer, or None (kept whole) where k is null or >= d.
+
+    Drawn on the CPU from a generator seeded by sha256(seed, layer name, side): the same numbers on
+    every device and run, and independent of which other layers are chosen.
+    """
+    if k is None or k >= d:
+        return None
+    digest = hashlib.sha256(f"{seed}\x00{layer}\x00{side}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    if kind == "gaussian":
+        matrix = torch.randn(d, k, generator=generator)
+    else:
+        matrix = torch.randint(0, 2, (d, k), generator=generator).float().mul_(2).sub_(1)
+    return matrix / math.sqrt(k)  # E[P P^T] = I: inner products unbiased
+
+
+def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Linear]]:
+    """(name, module) of every linear layer the spec differentiates, bottom block first."""
+    names = {id(module): name for name, module in model.named_modules()}
+    blocks = list(decoder_blocks(model))
+    layers = []
+    for block in blocks[-spec.blocks:] if spec.blocks else blocks:
+        for _, module in block.named_modules():
+            name = names[id(module)]
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            if (".lora_B." in name) if spec.target == "lora" else (".lora_" not in name):
+                layers.append((name, module))
+    if not layers:
+        raise ValueError(f"projected target {spec.target}: no linear layer found in the model's decoder blocks")
+    return layers
+
+
+class _Capture:
+    """One forward pass's projected layer inputs and output probes, in layer order."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []  # (1, T, k_in) fp32, P_in^T x per position
+        self.probes: list[torch.Tensor] = []  # (1, T, k_out) zeros whose gradient is delta P_out
+
+
+class _Computed:
+    """A batch computed synchronously (the backward passes need the results): collect() just returns them."""
+
+    def __init__(self, numbers: list[TraceNumbers]) -> None:
+        self.numbers = numbers
+
+    def collect(self) -> list[TraceNumbers]:
+        return self.numbers
+
+
+class ProjectedModel(ProxyModel):
+    """ProxyModel that also returns each trace's projected span-gradient Gram (TraceNumbers.projected_gram)."""
+
+    def __init__(self, model_dir: Path, device: str, spec: ProjectedSpec) -> None:
+        super().__init__(model_dir, device)
+        spec.check()
+        self.spec = spec
+        if spec.target == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            torch.manual_seed(spec.seed)  # as tasks/exact.py: the same adapters for the same seed
+            config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_r, lora_dropout=0.0,
+                                target_modules=list(LORA_MODULES))
+            inject_adapter_in_model(config, self.model)  # B = 0: the model's outputs are unchanged
+            self.model.to(device).requires_grad_(False)  # gradients flow to the probes only
+        self.layers = chosen_layers(self.model, spec)
+        self.projections = [(projection_matrix(spec.seed, name, "in", m.in_features, spec.dim, spec.projection),
+                             projection_matrix(spec.seed, name, "out", m.out_features, spec.dim, spec.projection))
+                            for name, m in self.layers]
+        self.projections = [tuple(None if p is None else p.to(device) for p in pair) for pair in self.projections]
+        self.dimension = sum((m.out_features if p_out is None else p_out.shape[1])
+                             * (m.in_features if p_in is None else p_in.shape[1])
+                             for (_, m), (p_in, p_out) in zip(self.layers, self.projections))
+        self.batched: bool | None = None  # batched VJP works for this model: None until first tried
+        self._capture: _Capture | None = None
+        for index, (_, module) in enumerate(self.layers):
+            module.register_forward_hook(self._hook(index))
+
+    def _hook(self, index: int):
+        p_in, p_out = self.projections[index]
+
+        def hook(module, inputs, output):
+            capture = self._capture
+            if capture is None:
+                return None  # a plain forward (the logits probe at load): no probe
+            x = inputs[0].detach().float()  # (1, T, d_in)
+            capture.inputs.append(x if p_in is None else x @ p_in)  # (1, T, k_in)
+            width = output.shape[-1] if p_out is None else p_out.shape[1]
+            probe = output.new_zeros((*output.shape[:-1], width)).requires_grad_(True)  # (1, T, k_out)
+            capture.probes.append(probe)
+            return output + (probe if p_out is None else probe @ p_out.T)  # unchanged values; d/dprobe = delta P_out
+
+        return hook
+
+    def _vjp(self, output: torch.Tensor, cotangents: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """d<cotangents[s], output>/d inputs for every s: (S, *input.shape) each, one batched backward if possible."""
+        if self.batched is not False:
+            try:
+                grads = torch.autograd.grad(output, inputs, cotangents, retain_graph=True, is_grads_batched=True)
+                self.batched = True
+                return list(grads)
+            except RuntimeError as error:
+                if self.batched:
+                    raise
+                self.batched = False
+                log.warning("projected: batched vector-Jacobian products unsupported for %s (%s); one backward "
+                            "pass per span instead", type(self.model).__name__, str(error).splitlines()[0])
+        per_span = [torch.autograd.grad(output, inputs, cotangent, retain_graph=True) for cotangent in cotangents]
+        return [torch.stack(grads) for grads in zip(*per_span)]
+
+    def trace_numbers(self, trace: EncodedTrace, head_variant: bool) -> TraceNumbers:
+        """One trace: one forward with probes, proxy summaries, one batched backward for its K+1 spans."""
+        batch = {name: tensor.to(self.device) for name, tensor in collate([trace], self.pad_id, pin=False).items()}
+        self.forward_calls += 1
+        capture = self._capture = _Capture()
+        try:
+            with self._autocast():
+                hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (1, T, d)
+        finally:
+            self._capture = None
+        positions = batch["flat_positions"]  # (N,) loss positions (batch of one: flat = position)
+        h = hidden.flatten(0, 1)[positions].detach().requires_grad_(True)  # (N, d)
+        with self._autocast():
+            logits = self.head(h)  # (N, V)
+        with torch.no_grad():
+            summaries = span_summaries(h.detach().float(), logits.detach(), batch["targets"], batch, self.head_weight,
+                                       softcap=self.softcap, head_dtype=self.head_dtype if head_variant else None)
+        capped = logits.float() if self.softcap is None else self.softcap * torch.tanh(logits.float() / self.softcap)
+        # a token's loss depends on its own h_t only, so one backward of their sum gives every r_t = dl_t/dh_t
+        (r,) = torch.autograd.grad(F.cross_entropy(capped, batch["targets"], reduction="sum"), h)  # (N, d)
+        labels = torch.as_tensor(trace.loss_span[trace.loss_span >= 0], device=self.device)  # (N,) span of each
+        cotangents = hidden.new_zeros((trace.n_spans, *hidden.shape))  # (S, 1, T, d): dL_s/dh, r_t on span s only
+        cotangents[labels, 0, positions] = r.to(cotangents.dtype)
+        grads = self._vjp(hidden, cotangents, capture.probes)  # (S, 1, T, k_out) per layer: P_out^T delta^s
+        vectors = torch.cat([torch.einsum("sbto,bti->soi", g.float(), x).flatten(1)  # (S, k_out * k_in)
+                             for g, x in zip(grads, capture.inputs)], dim=1).double()  # (S, D)
+        gram = (vectors @ vectors.T).cpu().numpy()  # (S, S) float64
+        with torch.no_grad():  # the question's mean state, as ProxyModel.launch computes it
+            prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())[0]  # (d,)
+        return TraceNumbers(summaries.span_loss[0].cpu().numpy(), summaries.proxy_gram[0].cpu().numpy(),
+                            None if summaries.head_gram is None else summaries.head_gram[0].cpu().numpy(),
+                            prompt_embedding.cpu().numpy(), projected_gram=gram)
+
+    def launch(self, traces: list[EncodedTrace], head_variant: bool) -> _Computed:
+        """Every trace of the batch on its own: one trace's K+1 backward passes would otherwise run over all B rows."""
+        return _Computed([self.trace_numbers(trace, head_variant) for trace in traces])
