@@ -304,9 +304,13 @@ def _pack_cache(root: str) -> PackCache:
     return PackCache(Path(root))
 
 
-@functools.lru_cache(maxsize=1)
 def load_model(model: str, device: str, projected: ProjectedSpec | None = None) -> ProxyModel:
     """The model, loaded once per process (a Dask worker keeps it across shards)."""
+    return _load_model(model, device, projected)  # one cache key however the caller spells the default
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(model: str, device: str, projected: ProjectedSpec | None) -> ProxyModel:
     return ProxyModel(Path(model), device) if projected is None else ProjectedModel(Path(model), device, projected)
 
 

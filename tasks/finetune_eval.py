@@ -44,8 +44,8 @@ def _positive_int(value) -> bool:
 
 @dataclass(frozen=True)
 class Params:
-    methods: tuple[str, ...] = ("grace", "random", "length", "loss")  # score.method values; full always runs
-    random_seeds: tuple[int, ...] = (0, 1)  # method random once per seed: the table shows mean and std
+    methods: tuple[str, ...] = ("grace", "random", "length", "loss", "answer_loss")  # score.method values; full always
+    random_seeds: tuple[int, ...] = (0, 1, 2)  # method random once per seed: the table shows mean and std
     fractions: tuple[float, ...] = (0.05, 0.2)  # subset sizes, as fractions of the scored pool
     include_base: bool = True  # also evaluate the model before fine-tuning (budget 0)
     mode: str = "lora"  # lora (peft adapters, merged after training) | full (every parameter)
@@ -68,9 +68,14 @@ class Params:
     trunk_cache: bool = True  # compute the layers below the adapters once for all runs (tasks/trunk.py)
     cache_dir: str | None = ".grace_cache/finetune"  # per-run results; null = no resume
     # more rows: {name, method: grace, gradient: proxy, scorer: base, within_clusters: false} each
-    variants: tuple[dict, ...] = ()
+    variants: tuple[dict, ...] = (
+        {"name": "grace-clusters", "within_clusters": True}, {"name": "grace-warmed", "scorer": "warmed"},
+        {"name": "grace-warmed-clusters", "scorer": "warmed", "within_clusters": True},
+        {"name": "grace-projected", "scorer": "projected", "gradient": "projected"})
     # extra extractions variants name: name -> {model: base | warmup, projected: bool, pool: null | N}
-    scorers: dict = dataclasses.field(default_factory=dict)
+    scorers: dict = dataclasses.field(default_factory=lambda: {
+        "warmed": {"model": "warmup", "projected": False, "pool": None},
+        "projected": {"model": "base", "projected": True, "pool": 500}})
 
     def check(self) -> None:
         def fail(name: str, wanted: str):
@@ -143,7 +148,7 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
             for method, seed in [*methods, ("full", None)]]
     jobs += [(variant["name"], {**VARIANT_DEFAULTS, **variant, "seed": None}) for variant in params.variants]
     warmed_on = set()
-    if any(spec.get("model") == "warmup" for spec in params.scorers.values()):
+    if any(params.scorers.get(v.get("scorer"), {}).get("model") == "warmup" for v in params.variants):
         warmed_on = set((Path(warmup) / "ids.txt").read_text(encoding="utf-8").split())
     for label, job in jobs:
         work, method, seed = Path(out_dir) / label, job["method"], job["seed"]

@@ -44,7 +44,10 @@ def summarize(records: list[dict]) -> list[dict]:
                      "n_train": round(statistics.fmean(run["n_train"] for run in runs)),
                      "accuracy": accuracy, "accuracy_std": accuracy_std,
                      "gold_loss": gold_loss, "gold_loss_std": gold_loss_std,
-                     "answer_rate": _mean_std([run["eval"]["answer_rate"] for run in runs])[0]})
+                     "answer_rate": _mean_std([run["eval"]["answer_rate"] for run in runs])[0],
+                     "clusters": _mean_std([run.get("n_clusters_covered") for run in runs])[0],
+                     "warmup_overlap": _mean_std([run.get("warmup_overlap") for run in runs])[0],
+                     "n_scored": runs[0].get("n_scored")})
     full = next((row for row in rows if row["method"] == "full"), None)
     base = next((row for row in rows if row["method"] == "base"), None)
     gain = base["gold_loss"] - full["gold_loss"] if base and full else None  # full data's loss improvement
@@ -64,16 +67,24 @@ def _cell(value: float | None, std: float | None = None, scale: float = 1, digit
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| method | budget | n train | accuracy (%) | gold loss | answer rate (%) | acc % of full "
-             "| loss gain % of full |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| loss gain % of full | clusters covered |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    pool = max((row["n_train"] for row in rows), default=0)  # full data's row trains on the whole pool
     for row in rows:
         method = row["method"] if len(row["seeds"]) < 2 else f"{row['method']} ({len(row['seeds'])} seeds)"
         lines.append(f"| {method} | {row['fraction'] * 100:g}% | {row['n_train']} "
                      f"| {_cell(row['accuracy'], row['accuracy_std'], 100)} "
                      f"| {_cell(row['gold_loss'], row['gold_loss_std'], digits=4)} "
                      f"| {_cell(row['answer_rate'], scale=100)} | {_cell(row['pct_of_full'])} "
-                     f"| {_cell(row['loss_gain_pct'])} |")
-    return "\n".join(lines) + "\n"
+                     f"| {_cell(row['loss_gain_pct'])} | {_cell(row['clusters'], digits=0)} |")
+        if row["warmup_overlap"] is not None:
+            notes.append(f"{row['method']} at {row['fraction'] * 100:g}%: {row['warmup_overlap']:.0f} of its "
+                         f"{row['n_train']} training traces are in the scorer's warm-up subset.")
+        if row["n_scored"] is not None and row["n_scored"] < pool:
+            notes.append(f"{row['method']} at {row['fraction'] * 100:g}%: the best {row['n_train']} of a seeded "
+                         f"random {row['n_scored']} traces (its scorer scores part of the pool only).")
+    return "\n".join(lines) + "\n" + "".join(f"\n- {note}" for note in notes) + ("\n" if notes else "")
 
 
 def metrics(rows: list[dict]) -> dict:
@@ -81,7 +92,8 @@ def metrics(rows: list[dict]) -> dict:
     nested: dict = {}
     for row in rows:
         numbers = {key: row[key] for key in ("n_train", "accuracy", "gold_loss", "answer_rate", "pct_of_full",
-                                              "loss_gain_pct", "accuracy_std", "gold_loss_std") if row[key] is not None}
+                                              "loss_gain_pct", "accuracy_std", "gold_loss_std", "clusters")
+                   if row[key] is not None}
         if row["method"] in ("base", "full"):
             nested[row["method"]] = numbers
         else:
@@ -143,7 +155,7 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
     atomic_write_text(Path(out_dir) / "results.md", text)
     write_json(Path(out_dir) / "metrics.json", metrics(rows))
     for name, metric in PLOTS.items():
-        atomic_write_text(Path(out_dir) / "plots" / name, plot_csv(rows, params.methods, metric))
+        atomic_write_text(Path(out_dir) / "plots" / name, plot_csv(rows, params.methods, metric))  # dvc.yaml's columns
     return {"rows": len(rows), "runs": len(records)}
 
 

@@ -22,7 +22,7 @@ from tests.test_dvc_pipeline import environment, run  # noqa: F401  (environment
 
 pytestmark = pytest.mark.slow
 
-FINETUNE_STAGES = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "subsets", "runs", "report")}
+FINETUNE_STAGES = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers", "subsets", "runs", "report")}
 TEST_ROWS = [{"id": f"test-{i}", "question": f"Ann has {i} pens and gets {i} more. How many pens?",
               "answer": f"She has {i}+{i} = <<{i}+{i}={2 * i}>>{2 * i} pens.\n#### {2 * i}"} for i in (2, 5, 8)]
 
@@ -45,7 +45,9 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
     shutil.copytree(REPO / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "data/gsm_noisy/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEST_ROWS), encoding="utf-8")
     set_finetune(repo, methods=["grace", "random"], random_seeds=[0], fractions=[0.5], lora_layers=1,
-                 batch_tokens=256, accuracy_problems=2, max_new_tokens=4, eval_batch_size=2, device="cpu")
+                 batch_tokens=256, accuracy_problems=2, max_new_tokens=4, eval_batch_size=2, device="cpu",
+                 variants=[{"name": "grace-warmed", "scorer": "warmed", "within_clusters": True}],
+                 scorers={"warmed": {"model": "warmup", "projected": False, "pool": None}})
     run(["git", "init", "-q"], repo, environment)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo, environment)
 
@@ -54,11 +56,11 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
 
     assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES
     results = (repo / "outputs/finetune/results.md").read_text(encoding="utf-8")
-    assert "| grace | 50% |" in results and "| full | 100% |" in results
+    assert "| grace | 50% |" in results and "| full | 100% |" in results and "| grace-warmed | 50% |" in results
     metrics = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, environment))
     (workspace,) = metrics.values()  # dvc 3 keys the workspace as ""
     table = workspace["data"]["outputs/finetune/metrics.json"]["data"]
-    assert set(table) == {"base", "grace", "random", "full"}
+    assert set(table) == {"base", "grace", "random", "full", "grace-warmed"}
     plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, environment))
     assert not plots.get("errors") and plots["data"]["accuracy_vs_budget"]
     fields = {value["field"] for value in plots["data"]["accuracy_vs_budget"][0]["content"]["data"]["values"]}
@@ -66,6 +68,7 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
 
     assert repro(repo, environment, "finetune/dvc.yaml") == set()
     set_finetune(repo, methods=["grace", "random", "length"])
-    assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES - {"finetune/dvc.yaml:test_set"}
+    unchanged = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers")}
+    assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES - unchanged
     index = json.loads((repo / "outputs/finetune/runs/index.json").read_text(encoding="utf-8"))
-    assert (index["trained"], index["from_cache"]) == (1, 4)  # only length-top50pct is new
+    assert (index["trained"], index["from_cache"]) == (1, 5)  # only length-top50pct is new

@@ -115,10 +115,10 @@ def test_flow_publishes_markdown_summary(in_process_run):
 def test_dask_two_workers_identical(prefect_api, in_process_run, tmp_path, tiny_model_dir):
     """extract.workers: 2 maps the shards over a two-worker Dask LocalCluster: same files as in process."""
     root = write_workspace(tmp_path / "dask", tiny_model_dir, workers=2)
-    models_loaded_here = tasks.extract.load_model.cache_info().misses
+    models_loaded_here = tasks.extract._load_model.cache_info().misses
     state = run_curate(root)
     assert state.is_completed(), state
-    assert tasks.extract.load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
+    assert tasks.extract._load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
     extract_stats = read_json(root / "outputs" / "extract" / "stats.json")
     assert (extract_stats["shards"], extract_stats["traces_computed"]) == (2, 4)  # computed, not skipped
 

@@ -51,7 +51,8 @@ def subsets(curation: dict, out_dir: Path, params: Params, scorers: Path | None 
 
 
 def test_every_method_goes_through_aggregate_and_select(curation, tmp_path):
-    params = Params(methods=("grace", "random", "length"), random_seeds=(0, 1), fractions=(0.25, 0.5))
+    params = Params(methods=("grace", "random", "length"), random_seeds=(0, 1), fractions=(0.25, 0.5),
+                    variants=())
     assert subsets(curation, tmp_path, params) == {"runs": 10}
     runs = json.loads((tmp_path / "index.json").read_text())["runs"]
     assert [run["name"] for run in runs] == [
@@ -102,7 +103,7 @@ def test_run_key_changes_with_what_the_numbers_depend_on():
 
 
 def test_runs_fine_tune_evaluate_and_resume_from_the_cache(curation, tmp_path):
-    params = Params(methods=("grace",), fractions=(0.5,), lora_layers=1, batch_tokens=256, accuracy_problems=2,
+    params = Params(methods=("grace",), fractions=(0.5,), variants=(), lora_layers=1, batch_tokens=256, accuracy_problems=2,
                     max_new_tokens=4, eval_batch_size=2, device="cpu", cache_dir=str(tmp_path / "cache"))
     subsets(curation, tmp_path / "subsets", params)
     paths = dict(subsets=tmp_path / "subsets", segments=curation["segments"], test=curation["test"],
