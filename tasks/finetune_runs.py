@@ -25,13 +25,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from tasks import evaluate, finetune, trunk
+from tasks.closure import import_closure
 from tasks import ingest as ingest_stage
 from tasks.finetune_eval import Params
 from tasks.proxy import model_identity
 from tasks.stage import run_stage, write_json
 
-CODE = [Path(__file__).with_name(name)
-        for name in ("finetune_runs.py", "finetune.py", "evaluate.py", "trunk.py", "answers.py")]
+# Every project module this stage imports, transitively: the run cache key follows the code (tasks/closure.py),
+# so a change to, say, extract.pack_batches (which decides the training batches) retrains what it touches.
+CODE = import_closure(__file__)
 # Settings that decide which runs exist, or where results go, but not a run's numbers.
 NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device")
 EVAL_SETTINGS = ("max_seq_len", "batch_tokens", "accuracy_problems", "max_new_tokens", "eval_batch_size",

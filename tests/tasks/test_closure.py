@@ -1,0 +1,36 @@
+"""closure: the project modules a module imports, transitively, read from its import statements."""
+
+from __future__ import annotations
+
+import tasks.closure as closure_module
+from tasks.closure import ROOT, import_closure, relative_closure
+
+
+def test_fine_tune_runs_key_covers_the_batching_it_uses():
+    """The drift issue 11 found: pack_batches (extract.py) decides every training batch."""
+    files = relative_closure(ROOT / "tasks" / "finetune_runs.py")
+    assert {"tasks/finetune_runs.py", "tasks/finetune.py", "tasks/extract.py", "tasks/evaluate.py",
+            "tasks/answers.py", "tasks/trunk.py"} <= set(files)
+    assert all(f.startswith(("tasks/", "flows/")) for f in files)  # third-party imports are not followed
+    from tasks.finetune_runs import CODE
+    assert [p.relative_to(ROOT).as_posix() for p in CODE] == files
+
+
+def test_lazy_relative_and_from_package_imports_are_followed(tmp_path, monkeypatch):
+    package = tmp_path / "tasks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from tasks import b\n\ndef f():\n    from .c import g\n    return g\n")
+    (package / "b.py").write_text("import numpy\nimport tasks.d\n")
+    (package / "c.py").write_text("g = 1\n")
+    (package / "d.py").write_text("import json\n")
+    (package / "unused.py").write_text("")
+    monkeypatch.setattr(closure_module, "ROOT", tmp_path)
+    import_closure.cache_clear()
+    try:
+        assert [p.name for p in import_closure(package / "a.py")] == ["a.py", "b.py", "c.py", "d.py"]
+        (package / "d.py").write_text("import tasks.unused\n")
+        import_closure.cache_clear()
+        assert "unused.py" in [p.name for p in import_closure(package / "a.py")]  # a new import is seen
+    finally:
+        import_closure.cache_clear()
