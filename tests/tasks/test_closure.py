@@ -34,3 +34,21 @@ def test_lazy_relative_and_from_package_imports_are_followed(tmp_path, monkeypat
         assert "unused.py" in [p.name for p in import_closure(package / "a.py")]  # a new import is seen
     finally:
         import_closure.cache_clear()
+
+
+def test_every_dvc_stage_lists_the_modules_its_command_imports():
+    """A stage missing a module it imports would serve stale outputs after that module changes."""
+    import re
+
+    import yaml
+
+    checked = 0
+    for pipeline in ("dvc.yaml", "finetune/dvc.yaml", "diagnostics/dvc.yaml"):
+        for name, stage in yaml.safe_load((ROOT / pipeline).read_text(encoding="utf-8"))["stages"].items():
+            module = re.search(r"python -m (tasks\.\w+)", stage["cmd"]).group(1)
+            needed = set(relative_closure(ROOT / (module.replace(".", "/") + ".py")))
+            listed = {dep for dep in stage.get("deps", []) if dep.endswith(".py")}
+            assert listed == needed, (f"{pipeline}:{name} lists {sorted(listed - needed)} it does not import and "
+                                      f"misses {sorted(needed - listed)}")
+            checked += 1
+    assert checked >= 20
