@@ -1,4 +1,4 @@
-"""Stage `fidelity` (diagnostics pipeline): is the proxy right? Proxy and head Gram against exact gradients.
+"""Stage `fidelity` (diagnostics pipeline): is the proxy right? Proxy, head and projected Grams against exact gradients.
 
     dvc repro diagnostics/dvc.yaml:fidelity
     python -m tasks.fidelity --segments outputs/segment/segments.parquet --extract-dir outputs/extract \
@@ -7,7 +7,8 @@
 On a seeded sample of `n_traces` extracted traces with at least one step, exact mode
 (tasks/exact.py) computes the true per-span gradient Gram for each target; the score and aggregate
 stages' own functions (tasks/scorers.py) turn proxy, head and exact Grams alike into alpha,
-consistency, step and sample scores. Per exact target, for the proxy and the head variant:
+consistency, step and sample scores. Per exact target, for the proxy, the head variant and, where
+extract ran with extract.projected, the projected source (each scorer whose Gram the extract holds):
   - Spearman and Pearson correlation with exact, pooled over the sampled steps, of alpha, of
     consistency (steps k >= 2 only: c_1 = alpha_1 by default would count alpha twice) and of the
     step score; and over the sampled traces, of the sample score;
@@ -42,6 +43,7 @@ from tasks.spans import EncodedTrace, encode_traces, trace_spans
 from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
 
 SIGNALS = ("alpha", "consistency", "step_score")
+CANDIDATES = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}  # scorer -> extract column
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,9 @@ def fidelity(segments: Path, extract_dir: Path, model: Path, out_dir: Path, para
                 "ids": table["id"].to_pylist()}
 
     scorers = {"proxy": scored(sampled)}
-    if sampled["head_gram"].null_count == 0:
-        scorers["head"] = scored(with_gram(sampled, [np.asarray(g) for g in sampled["head_gram"].to_pylist()]))
+    for name, column in list(CANDIDATES.items())[1:]:
+        if sampled[column].null_count == 0:
+            scorers[name] = scored(with_gram(sampled, [np.asarray(g) for g in sampled[column].to_pylist()]))
     report = {"n_traces": sampled.num_rows, "n_steps": int(pc.sum(sampled["n_steps"]).as_py()),
               "seed": params.seed, "select_fraction": params.select_fraction, "targets": {}}
     device = resolve_device(params.device)
@@ -147,7 +150,7 @@ def fidelity(segments: Path, extract_dir: Path, model: Path, out_dir: Path, para
         scorers[f"exact_{target}"] = scored(with_gram(sampled, grams))
         report["targets"][target] = {**timing, **{name: compare(scorers[name], scorers[f"exact_{target}"],
                                                                 params.select_fraction)
-                                                  for name in ("proxy", "head") if name in scorers}}
+                                                  for name in CANDIDATES if name in scorers}}
     steps = scorers["proxy"]["steps"].select(["id", "step_index", "n_tokens"])
     for name, result in scorers.items():
         for signal in SIGNALS:
@@ -170,7 +173,7 @@ def markdown(report: dict) -> str:
              "| exact target | scorer | alpha | consistency | step score | sample score | Jaccard |",
              "|---|---|---|---|---|---|---|"]
     for target, result in report["targets"].items():
-        for name in ("proxy", "head"):
+        for name in CANDIDATES:
             if name in result:
                 r = result[name]
                 cells = [f"{_cell(r[s]['spearman'])} / {_cell(r[s]['pearson'])}"

@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import extract
 from tasks.fidelity import Params, main
 from tasks.stage import ParamsError, params_from_dict
 from tests.tasks.tiny_pipeline import build_extract, build_segments
@@ -43,6 +44,23 @@ def test_fidelity_end_to_end_on_the_tiny_model(tmp_path, tiny_model_dir, gsm_row
     steps = pq.read_table(tmp_path / "fidelity" / "steps.parquet")
     assert steps.num_rows == report["n_steps"] and "alpha_exact_lora" in steps.column_names
     assert "| head | proxy |" in (tmp_path / "fidelity" / "fidelity.md").read_text()
+
+
+def test_projected_row_at_full_dimension_matches_exact_lora(tmp_path, tiny_model_dir, gsm_rows):
+    """extract.projected on the LoRA target, unprojected, is exact mode's LoRA Gram: its row must agree exactly."""
+    segments = build_segments(tmp_path, gsm_rows + MORE_ROWS)
+    extract.extract(segments, tiny_model_dir, tmp_path / "extract", extract.Params(
+        device="cpu", cache_dir=None, projected=True, projected_target="lora", projection_dim=None, projected_lora_r=2))
+    (tmp_path / "params.yaml").write_text(
+        "fidelity:\n  n_traces: 4\n  lora_r: 2\n  select_fraction: 0.5\n  targets: [lora]\n"
+        "extract:\n  device: cpu\n  cache_dir: null\n")
+    report = main(["--params", str(tmp_path / "params.yaml"), "--segments", str(segments), "--extract-dir",
+                   str(tmp_path / "extract"), "--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "fidelity")])
+    projected = report["targets"]["lora"]["projected"]
+    for signal in ("alpha", "consistency", "step_score", "sample_score"):
+        assert projected[signal]["pearson"] == pytest.approx(1.0, abs=1e-6), signal
+    assert report["targets"]["lora"]["proxy"]["alpha"]["pearson"] < 1 - 1e-3  # the proxy is not exact
+    assert "| lora | projected |" in (tmp_path / "fidelity" / "fidelity.md").read_text()
 
 
 def test_params_name_the_setting_at_fault():
