@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from tasks.extract import read_extract
 from tasks.schema import STEP_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
@@ -164,9 +164,8 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
     ledger.extra.update(gradient=params.gradient, steps=steps.num_rows,
                         skipped_steps=steps["step_score"].null_count, **zero_counts, mean_alpha=mean("alpha"),
                         mean_consistency=mean("consistency"), mean_step_score=mean("step_score"))
-    ledger.check_balance()
-    write_json(Path(out_dir) / "stats.json", ledger.stats())
-    return ledger.stats()
+    ledger.metrics.update({name: ledger.extra[name] for name in ("mean_alpha", "mean_consistency", "mean_step_score")})
+    return ledger.write_stats(Path(out_dir) / "stats.json")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,8 +11,9 @@ kept trace outranks every dropped one (packing shorter traces past that point wo
 length, not by score). With `stratify_by`, each stratum gets its share of every subset
 (largest-remainder counts; a budget split by the strata's trace counts) and is filled best-first.
 
-Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet and
-manifest.json (also the DVC metrics file).
+Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet,
+manifest.json (everything, content hashes included) and metrics.json (the DVC metrics file: per
+subset its size, tokens and score threshold).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, atomic_write_text, run_stage, stage_logger, write_json, write_parquet
 
 MISSING_STRATUM = "<missing>"
 SUBSET_FILES = ("subset.jsonl", "ids.txt")
@@ -229,6 +230,11 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
         "subsets": manifest_subsets,
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "metrics.json", {name: {key: entry[key] for key in ("n_selected", "n_tokens", "score_threshold")}
+                                          for name, entry in manifest_subsets.items()})
+    stage_logger("select").info("select: ranked %d, %s", n, ", ".join(
+        f"{name} {entry['n_selected']} (threshold {entry['score_threshold']:.4g})" if entry["n_selected"]
+        else f"{name} 0" for name, entry in manifest_subsets.items()))
     return manifest
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -25,6 +26,12 @@ import yaml
 from tasks.schema import QuarantineRecord
 
 P = TypeVar("P")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"  # messages begin with their stage: "ingest: read 30, ..."
+
+
+def stage_logger(stage: str) -> logging.Logger:
+    """The stage's logger, under `tasks`: the one name the Prefect flow forwards to its run log."""
+    return logging.getLogger(f"tasks.{stage}")
 
 
 class ParamsError(ValueError):
@@ -80,6 +87,8 @@ def run_stage(
     for name, help_text in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
     args = parser.parse_args(argv)
+    # A command-line stage talks on stderr (dvc repro shows it); a caller's own logging setup is kept.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
     kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
     kwargs["params"] = load_params(params_cls, section, args.params)
     for extra_section, extra_cls in extra_sections:
@@ -139,6 +148,9 @@ class StageLedger:
     """Counts what a stage read, kept and quarantined (by reason), and holds the quarantine.
 
     `write()` refuses to write stats where the books do not balance: nothing vanishes silently.
+    stats.json holds every count and setting (bookkeeping); `metrics`, when a stage sets any, go to
+    metrics.json beside it, the DVC metrics file: only the figures people compare across
+    experiments, so `dvc metrics show` and `dvc exp show` stay readable.
     """
 
     def __init__(self, stage: str) -> None:
@@ -147,6 +159,7 @@ class StageLedger:
         self.kept = 0
         self.quarantine: list[QuarantineRecord] = []
         self.extra: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
 
     def count_read(self, n: int = 1) -> None:
         self.read += n
@@ -184,9 +197,23 @@ class StageLedger:
                 f"+ quarantined {len(self.quarantine)}"
             )
 
+    def summary_line(self) -> str:
+        """'ingest: read 30, kept 0, quarantined 30 (missing_field 30)': the counts a user checks first."""
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.quarantined_by_reason.items())
+        return (f"{self.stage}: read {self.read}, kept {self.kept}, quarantined {len(self.quarantine)}"
+                + (f" ({reasons})" if reasons else ""))
+
+    def write_stats(self, stats_path: str | os.PathLike) -> dict[str, Any]:
+        """stats.json (and metrics.json beside it), for a stage that writes no quarantine file."""
+        self.check_balance()
+        stats = self.stats()
+        write_json(stats_path, stats)
+        if self.metrics:
+            write_json(Path(stats_path).with_name("metrics.json"), self.metrics)
+        stage_logger(self.stage).info(self.summary_line())
+        return stats
+
     def write(self, stats_path: str | os.PathLike, quarantine_path: str | os.PathLike) -> dict[str, Any]:
         self.check_balance()
         atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in self.quarantine))
-        stats = self.stats()
-        write_json(stats_path, stats)
-        return stats
+        return self.write_stats(stats_path)
