@@ -161,7 +161,9 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
         value = pc.mean(steps[name]).as_py()
         return None if value is None else round(value, 6)
 
-    ledger.extra.update(gradient=params.gradient, steps=steps.num_rows,
+    settings = {"lambda_": params.lambda_, "trajectory": params.trajectory, "first_step": params.first_step,
+                **({"ema_beta": params.ema_beta} if params.trajectory == "ema" else {})}  # for the report
+    ledger.extra.update(gradient=params.gradient, **settings, steps=steps.num_rows,
                         skipped_steps=steps["step_score"].null_count, **zero_counts, mean_alpha=mean("alpha"),
                         mean_consistency=mean("consistency"), mean_step_score=mean("step_score"))
     ledger.metrics.update({name: ledger.extra[name] for name in ("mean_alpha", "mean_consistency", "mean_step_score")})
