@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -32,6 +33,32 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"  # messages begin with thei
 def stage_logger(stage: str) -> logging.Logger:
     """The stage's logger, under `tasks`: the one name the Prefect flow forwards to its run log."""
     return logging.getLogger(f"tasks.{stage}")
+
+
+def show_stage_logs() -> None:
+    """A command-line stage prints its own INFO lines on stderr (dvc repro shows them).
+
+    Only the `tasks` loggers: libraries' INFO chatter (great-expectations logs hundreds of lines)
+    stays at Python's default, warnings and up."""
+    logger = logging.getLogger("tasks")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):  # one handler, however often called
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record (as logging's last-resort handler does), not
+    the stream of the moment it was made: a test harness or a caller may swap stderr in between."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 class ParamsError(ValueError):
@@ -87,8 +114,7 @@ def run_stage(
     for name, help_text in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
     args = parser.parse_args(argv)
-    # A command-line stage talks on stderr (dvc repro shows it); a caller's own logging setup is kept.
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt="%H:%M:%S")
+    show_stage_logs()
     kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
     kwargs["params"] = load_params(params_cls, section, args.params)
     for extra_section, extra_cls in extra_sections:
