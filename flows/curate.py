@@ -14,13 +14,19 @@ an existing scheduler, or a local cluster of extract.workers single-threaded wor
 with several GPUs (extract.device auto or cuda), each local worker gets one GPU of its own through
 CUDA_VISIBLE_DEVICES (round-robin when there are more workers than GPUs); extract.workers: gpus
 asks for one worker per GPU.
+
+The stages' own log lines (`tasks.*` loggers: each stage's counts, extract's, unconditional's and
+fine-tuning's progress) go to the run log beside Prefect's; `python -m flows.curate` asks for
+progress as log lines (GRACE_PROGRESS=log) and gives Prefect's temporary API 180 s to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +35,7 @@ from typing import Any
 from prefect import State, flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.task_runners import TaskRunner
 
 import tasks.aggregate
@@ -47,6 +54,26 @@ from tasks.extract import ShardRun, ShardSpec
 from tasks.stage import ParamsError, load_params
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
+# Prefect gives its temporary local API 20 s to start; the first run on a new PREFECT_HOME on two
+# busy cores missed that. The project's entry points allow at least this much.
+EPHEMERAL_STARTUP_SECONDS = 180
+
+
+def prefect_settings() -> contextlib.AbstractContextManager:
+    """Prefect settings for the project's own runs: a longer start for the temporary API (a larger value set wins)."""
+    current = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    return temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: max(current, EPHEMERAL_STARTUP_SECONDS)})
+
+
+def forward_stage_logs() -> None:
+    """Send the stages' `tasks.*` log lines to the run log, as PREFECT_LOGGING_EXTRA_LOGGERS=tasks would.
+
+    Called in the flow and in the tasks that may run on Dask workers (their own processes)."""
+    stage_logger = logging.getLogger("tasks")
+    stage_logger.setLevel(logging.INFO)  # Prefect's root logger passes WARNING and up only
+    for handler in logging.getLogger("prefect.extra").handlers:  # Prefect's API handler
+        if handler not in stage_logger.handlers:
+            stage_logger.addHandler(handler)
 
 # Every path a stage reads or writes, relative to the input file and the outputs directory; the
 # keywords are the core functions' (= dvc.yaml's --flags). tests/flows/test_curate.py checks that
@@ -125,12 +152,14 @@ def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[Sha
 @task(name="extract-shard", retries=1, retry_delay_seconds=5, **STAGE_TASK)
 def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Path, params_path: Path) -> ShardRun:
     """Extract one shard (skipped if its completion marker matches)."""
+    forward_stage_logs()
     return tasks.extract.extract_shard(spec, segments, model, out_dir, stage_params(tasks.extract, params_path))
 
 
 @task(name="extract-finalize", **STAGE_TASK)
 def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
     """Check every shard, merge the quarantines and write the extract stats."""
+    forward_stage_logs()
     return tasks.extract.finalize(out_dir, specs, runs)
 
 
@@ -252,7 +281,7 @@ def summary_markdown(summary: dict) -> str:
         lines += [f"Scoring model: {model.get('source')} (identity {str(model.get('identity'))[:12]})", ""]
     lines += ["| stage | read | kept | quarantined | quarantined by reason |", "|---|---:|---:|---:|---|"]
     for stage, stats in summary["stages"].items():
-        if "read" not in stats:  # model, select and validate report other things, below
+        if "read" not in stats or stage == "export":  # these report other things, below
             continue
         reasons = ", ".join(f"{key.removeprefix('quarantined_')}: {n}" for key, n in sorted(stats.items())
                             if key.startswith("quarantined_")) or "-"
@@ -268,6 +297,17 @@ def summary_markdown(summary: dict) -> str:
                 else f"token budget {entry.get('token_budget')}")
         lines.append(f"| {name} | {rule} | {entry['n_selected']} | {entry['n_tokens']} | "
                      f"{_cell(entry['score_threshold'])} |")
+    exported = summary["stages"].get("export")
+    if exported:  # export's read/kept count one row per subset and format; a person counts traces
+        formats = sorted({fmt for rows in exported.get("rows", {}).values() for fmt in rows})
+        lines += ["", "## Exported", "", "| subset | traces | " + " | ".join(f"{fmt} rows" for fmt in formats) + " |",
+                  "|---|---:|" + "---:|" * len(formats)]
+        for name, rows in exported.get("rows", {}).items():
+            traces = manifest.get("subsets", {}).get(name, {}).get("n_selected")
+            lines.append(f"| {name} | {_cell(traces)} | " + " | ".join(_cell(rows.get(fmt)) for fmt in formats) + " |")
+        reasons = {key.removeprefix("quarantined_"): n for key, n in exported.items() if key.startswith("quarantined_")}
+        if reasons:
+            lines.append("Left out of a format: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())))
     results = summary["stages"].get("validate", {})
     lines += ["", f"## Validation: {'passed' if results.get('success') else 'FAILED'}", ""]
     if "error" in results:  # validate crashed before it could judge the outputs
@@ -295,6 +335,7 @@ def validation_report(state: State, out_dir: Path) -> dict:
 def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "data/gsm_noisy/pool.jsonl",
            outputs_dir: str | Path = "outputs") -> dict:
     """Run every dvc.yaml stage in its order; publish a Markdown summary; return it as a dict."""
+    forward_stage_logs()
     params_file = Path(params_path)
     paths = stage_paths(input_path, outputs_dir)
     stages: dict[str, dict] = {}
@@ -334,7 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input", default=defaults["input_path"], help="input pool (default: %(default)s)")
     parser.add_argument("--outputs", default=defaults["outputs_dir"], help="outputs directory (default: %(default)s)")
     args = parser.parse_args(argv)
-    return curate(params_path=args.params, input_path=args.input, outputs_dir=args.outputs)
+    os.environ.setdefault("GRACE_PROGRESS", "log")  # Prefect's console and run log show lines, not a bar
+    with prefect_settings():
+        return curate(params_path=args.params, input_path=args.input, outputs_dir=args.outputs)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Mapping
 from prefect.client.schemas.schedules import is_valid_timezone
 from prefect.schedules import Cron, Schedule
 
-from flows.curate import curate
+from flows.curate import curate, prefect_settings
 
 # The flow's own defaults stay the single source of the default paths.
 FLOW_DEFAULTS = {name: p.default for name, p in inspect.signature(curate.fn).parameters.items()}
@@ -93,14 +93,15 @@ def spec_from_args(argv: list[str] | None = None, environ: Mapping[str, str] = o
 
 def main(argv: list[str] | None = None) -> None:
     spec = spec_from_args(argv)
-    curate.serve(
-        name=spec.name,
-        schedules=[spec.schedule()],
-        parameters=spec.parameters(),
-        tags=["grace-curate"],
-        description=f"GRACE curation of {spec.input_path} with {spec.params_path} at {spec.cron!r} ({spec.timezone})",
-        limit=1,  # one run at a time: two runs writing the same outputs directory would mix their files
-    )
+    with prefect_settings():  # the temporary API's start limit, should serving need one
+        curate.serve(
+            name=spec.name,
+            schedules=[spec.schedule()],
+            parameters=spec.parameters(),
+            tags=["grace-curate"],
+            description=f"GRACE curation of {spec.input_path} with {spec.params_path} at {spec.cron!r} ({spec.timezone})",
+            limit=1,  # one run at a time: two runs writing the same outputs directory would mix their files
+        )
 
 
 if __name__ == "__main__":

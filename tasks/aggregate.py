@@ -29,7 +29,7 @@ from tasks import score as score_stage
 from tasks.baselines import baseline_scores, span_sums
 from tasks.extract import read_extract
 from tasks.schema import SAMPLE_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
 
 HOWS = ("mean", "min", "softmin", "token_mean")
 
@@ -127,9 +127,8 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
         score_mean=round(float(scores.mean()), 6) if len(scores) else None,
         score_max=float(scores.max()) if len(scores) else None,
     )
-    ledger.check_balance()
-    write_json(Path(out_dir) / "stats.json", ledger.stats())
-    return ledger.stats()
+    ledger.metrics["score_mean"] = ledger.extra["score_mean"]
+    return ledger.write_stats(Path(out_dir) / "stats.json")
 
 
 def main(argv: list[str] | None = None) -> dict:

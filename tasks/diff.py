@@ -6,6 +6,11 @@ A and B are each a directory (an outputs/ tree, or a folder holding sample_score
 ranking.parquet / <subset>/ids.txt) or else a revision of the DVC repository `--repo`: a git
 commit, branch or tag, a `dvc exp` experiment name, or `workspace`. Revisions are read through
 DVC, so artifacts come from the DVC cache (or the default remote) as they were at that revision.
+
+The traces that explain a change of selection are those that crossed a subset's boundary (in the
+subset in one version only): each is listed with its rank, score and the subset's threshold in
+both versions, and its steps (text, alpha, consistency, step score), numbered from 1 as in the
+report. The largest rank movers follow; they are often far from every boundary.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ ARTIFACT_PATHS = {
     "sample_scores": ("aggregate/sample_scores.parquet", "sample_scores.parquet"),
     "ranking": ("select/subsets/ranking.parquet", "subsets/ranking.parquet", "ranking.parquet"),
     "step_scores": ("score/step_scores.parquet", "step_scores.parquet"),
+    "segments": ("segment/segments.parquet", "segments.parquet"),
 }
+SEGMENT_COLUMNS = ["id", "scored_response", "step_starts", "step_ends"]
+TEXT_WIDTH = 70  # characters of step text per markdown cell; JSON has the whole step
 SUBSET_DIRS = ("select/subsets", "subsets", "")
 STEP_COLUMNS = ("alpha", "consistency", "step_score")
 
@@ -48,6 +56,7 @@ class Version:
     subsets: dict[str, list[str]]  # subset name -> ids, in ids.txt order
     scores: dict[str, float]  # id -> sample score
     step_scores: pa.Table | None  # STEP_SCORE_SCHEMA rows, None where the version has none
+    segments: pa.Table | None = None  # SEGMENT_COLUMNS of segments.parquet: the step texts
 
 
 # ---- reading a version ---------------------------------------------------------------------------
@@ -153,7 +162,9 @@ def load_version(spec: str, repo: Path = Path(".")) -> Version:
         scores = dict(zip(table.column("id").to_pylist(), table.column("score").to_pylist()))
     step_bytes = _first(source, ARTIFACT_PATHS["step_scores"])
     step_scores = pq.read_table(io.BytesIO(step_bytes)) if step_bytes is not None else None
-    return Version(spec, flatten(source.params()), _read_subsets(source), scores, step_scores)
+    segment_bytes = _first(source, ARTIFACT_PATHS["segments"])
+    segments = pq.read_table(io.BytesIO(segment_bytes), columns=SEGMENT_COLUMNS) if segment_bytes is not None else None
+    return Version(spec, flatten(source.params()), _read_subsets(source), scores, step_scores, segments)
 
 
 # ---- comparing two versions (pure) ---------------------------------------------------------------
@@ -207,12 +218,56 @@ def mover_steps(a: pa.Table | None, b: pa.Table | None, id_: str) -> list[dict[s
     a_rows, b_rows = step_rows(a, id_), step_rows(b, id_)
     steps = []
     for k in sorted(set(a_rows) | set(b_rows)):
-        row: dict[str, Any] = {"step_index": k}
+        row: dict[str, Any] = {"step_index": k, "step": k + 1}  # step: numbered from 1, as the report does
         for column in STEP_COLUMNS:
             row[f"{column}_a"] = a_rows.get(k, {}).get(column)
             row[f"{column}_b"] = b_rows.get(k, {}).get(column)
         steps.append(row)
     return steps
+
+
+def step_texts(segments: pa.Table | None, id_: str) -> list[str]:
+    """The text of each step of one trace, from segments.parquet; [] where the version has none."""
+    if segments is None:
+        return []
+    rows = segments.filter(pc.equal(segments.column("id"), id_)).to_pylist()
+    if not rows:
+        return []
+    row = rows[0]
+    return [row["scored_response"][s:e] for s, e in zip(row["step_starts"], row["step_ends"])]
+
+
+def crossings(a: Version, b: Version) -> list[dict[str, Any]]:
+    """Per subset in both versions: the traces in it in one version only, and why (scores, steps).
+
+    Ranks and thresholds are each version's own (rank 1 = best of its scored traces; threshold =
+    lowest sample score kept), as select decided membership. Step texts are B's segmentation, or
+    A's for a trace B lacks."""
+    rank_a, rank_b = ranks(a.scores, list(a.scores)), ranks(b.scores, list(b.scores))
+    out = []
+    for name in sorted(set(a.subsets) & set(b.subsets)):
+        a_ids, b_ids = set(a.subsets[name]), set(b.subsets[name])
+
+        def threshold(version: Version, ids: set[str]) -> float | None:
+            kept = [version.scores[i] for i in ids if i in version.scores]
+            return min(kept) if kept else None
+
+        thresholds = {"threshold_a": threshold(a, a_ids), "threshold_b": threshold(b, b_ids)}
+        moved = [("entered", i) for i in sorted(b_ids - a_ids, key=lambda i: (rank_b.get(i, len(rank_b) + 1), i))]
+        moved += [("left", i) for i in sorted(a_ids - b_ids, key=lambda i: (rank_a.get(i, len(rank_a) + 1), i))]
+        traces = []
+        for direction, id_ in moved:
+            texts = step_texts(b.segments, id_) or step_texts(a.segments, id_)
+            steps = mover_steps(a.step_scores, b.step_scores, id_)
+            for step in steps:
+                step["text"] = texts[step["step_index"]] if step["step_index"] < len(texts) else None
+            changes = [(abs(s["step_score_b"] - s["step_score_a"]), s["step"]) for s in steps
+                       if s["step_score_a"] is not None and s["step_score_b"] is not None]
+            traces.append({"id": id_, "direction": direction, "rank_a": rank_a.get(id_), "rank_b": rank_b.get(id_),
+                           "score_a": a.scores.get(id_), "score_b": b.scores.get(id_),
+                           "most_changed_step": max(changes)[1] if changes else None, "steps": steps})
+        out.append({"subset": name, **thresholds, "traces": traces})
+    return out
 
 
 def diff_versions(a: Version, b: Version, top: int = 5) -> dict[str, Any]:
@@ -234,6 +289,7 @@ def diff_versions(a: Version, b: Version, top: int = 5) -> dict[str, Any]:
             "n_common": len(common),
             "spearman": spearman([a.scores[i] for i in common], [b.scores[i] for i in common]),
         },
+        "crossings": crossings(a, b),
         "movers": [
             {
                 "id": id_,
@@ -270,7 +326,41 @@ def _id_list(label: str, ids: list[str], max_ids: int) -> str:
     return f"- {label} ({len(ids)}): {shown}{more}"
 
 
-def to_markdown(result: dict[str, Any], max_ids: int = 20) -> str:
+def _cell_text(text: str | None) -> str:
+    if text is None:
+        return "-"
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= TEXT_WIDTH else flat[: TEXT_WIDTH - 3] + "..."
+
+
+def _crossings_markdown(result: dict[str, Any], top: int) -> list[str]:
+    """Per subset: who entered and who left, and the steps behind it (the first `top` each way)."""
+    a, b = result["a"], result["b"]
+    out = ["## Subset boundary crossings", ""]
+    moved = [c for c in result["crossings"] if c["traces"]]
+    if not moved:
+        return out + ["No trace entered or left a subset both versions have."]
+    for c in moved:
+        entered = [t for t in c["traces"] if t["direction"] == "entered"]
+        left = [t for t in c["traces"] if t["direction"] == "left"]
+        out += [f"### {c['subset']}: {len(entered)} entered, {len(left)} left "
+                f"(lowest kept score {_fmt(c['threshold_a'])} -> {_fmt(c['threshold_b'])})"]
+        for group in (entered, left):
+            for t in group[:top]:
+                most = f"; step {t['most_changed_step']} changed most" if t["most_changed_step"] else ""
+                out += ["", f"`{t['id']}` {t['direction']}: rank {_fmt(t['rank_a'])} -> {_fmt(t['rank_b'])}, "
+                            f"score {_fmt(t['score_a'])} -> {_fmt(t['score_b'])}{most}", ""]
+                header = ["step", "text"] + [f"{col} {side}" for col in STEP_COLUMNS for side in (a, b)]
+                rows = [[s["step"], _cell_text(s["text"])] + [s[f"{col}_{side}"] for col in STEP_COLUMNS
+                                                               for side in ("a", "b")] for s in t["steps"]]
+                out += _table(header, rows) if rows else ["No step scores in either version."]
+            if len(group) > top:
+                out += ["", f"... {len(group) - top} more {group[0]['direction']} (`--top`, or `--json` for all)"]
+        out.append("")
+    return out
+
+
+def to_markdown(result: dict[str, Any], max_ids: int = 20, top: int = 5) -> str:
     a, b = result["a"], result["b"]
     out = [f"# grace diff: `{a}` -> `{b}`", "", "## Params", ""]
     if result["params"]:
@@ -290,14 +380,16 @@ def to_markdown(result: dict[str, Any], max_ids: int = 20) -> str:
     scores = result["scores"]
     out += ["", "## Sample scores", "",
             f"Scored: {scores['n_a']} in `{a}`, {scores['n_b']} in `{b}`, {scores['n_common']} in both. "
-            f"Spearman rank correlation over common ids: {_fmt(scores['spearman'])}.", "", "## Top movers"]
+            f"Spearman rank correlation over common ids: {_fmt(scores['spearman'])}.", ""]
+    out += _crossings_markdown(result, top)
+    out += ["", "## Top movers"]
     if not result["movers"]:
         out += ["", "No rank changes."]
     for m in result["movers"]:
         out += ["", f"### `{m['id']}`: rank {m['rank_a']} -> {m['rank_b']} ({m['rank_gain']:+d}), "
                     f"score {_fmt(m['score_a'])} -> {_fmt(m['score_b'])}", ""]
         header = ["step"] + [f"{c} {side}" for c in STEP_COLUMNS for side in (a, b)]
-        rows = [[s["step_index"]] + [s[f"{c}_{side}"] for c in STEP_COLUMNS for side in ("a", "b")]
+        rows = [[s["step"]] + [s[f"{c}_{side}"] for c in STEP_COLUMNS for side in ("a", "b")]
                 for s in m["steps"]]
         out += _table(header, rows) if rows else ["No step scores in either version."]
     return "\n".join(out)
@@ -308,7 +400,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("a", help="version A: a directory, a git revision, a dvc experiment name, or 'workspace'")
     parser.add_argument("b", help="version B, as A")
     parser.add_argument("--repo", default=".", help="the DVC repository revisions refer to (default: .)")
-    parser.add_argument("--top", type=int, default=5, help="how many top rank movers to explain (default: 5)")
+    parser.add_argument("--top", type=int, default=5,
+                        help="boundary crossings shown per subset and direction, and top rank movers (default: 5)")
     parser.add_argument("--max-ids", type=int, default=20, help="ids listed per subset in markdown (default: 20)")
     parser.add_argument("--json", action="store_true", help="print JSON (all ids) instead of markdown")
 
@@ -321,5 +414,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"grace diff: {exc}", file=sys.stderr)
         return 2
     result = diff_versions(a, b, top=args.top)
-    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else to_markdown(result, args.max_ids))
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else to_markdown(result, args.max_ids,
+                                                                                          args.top))
     return 0

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -43,15 +44,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from tasks.projected import ProjectedModel, ProjectedSpec
+from tasks.progress import Progress, show_progress
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
 from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
+log = logging.getLogger(__name__)
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
@@ -408,7 +410,7 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
                      looked_up + time.perf_counter() - started)
 
 
-def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm | None) -> ShardRun:
+def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: Progress | None) -> ShardRun:
     """Run the model on what the cache lacked, then write the shard, its quarantine, cache pack and marker."""
     spec, keys, shards = prepared.spec, prepared.keys, Path(out_dir) / "shards"
     path = shards / f"{spec.name}.parquet"
@@ -461,7 +463,7 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm |
 
 
 def extract_shard(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_dir: Path, params: Params,
-                  progress: tqdm | None = None) -> ShardRun:
+                  progress: Progress | None = None) -> ShardRun:
     """Compute (or take from the cache) one shard and write it with its marker; skip it if already done."""
     return _finish(_prepare(spec, segment_reader(segments), model, out_dir, params), out_dir, params, progress)
 
@@ -496,6 +498,7 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
         padding_waste=round(1 - real / padded, 4) if padded else None,
         tokens_per_s=round(real / seconds, 1) if real and seconds else None, model_seconds=round(seconds, 3),
         prepare_seconds=round(prepare_seconds, 3))
+    ledger.metrics.update({name: ledger.extra[name] for name in ("loss_tokens", "model_seconds", "tokens_per_s")})
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 
@@ -503,7 +506,7 @@ def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
     specs = plan_shards(segments, params, model)
     with ThreadPoolExecutor(max_workers=1) as prefetch, \
-            tqdm(total=specs[-1].stop if specs else 0, unit="trace", desc="extract", disable=None) as progress:
+            show_progress("extract", specs[-1].stop if specs else 0, "trace", log) as progress:
         # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
         prepare = functools.partial(_prepare, reader=segment_reader(segments), model=model, out_dir=out_dir,
                                     params=params)

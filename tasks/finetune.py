@@ -170,6 +170,8 @@ def train(model, examples: list[Example], params, pad_id: int, progress=None,
     schedule = [epoch_batches(examples, params, epoch) for epoch in range(params.epochs)]
     total = sum(len(batches) for batches in schedule)
     warmup = math.ceil(params.warmup_ratio * total)
+    if progress is not None:
+        progress.total = total  # known only now: the bar and the log lines can show how far along
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total, warmup, params.schedule))
     model.train()

@@ -18,19 +18,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from tasks import evaluate, finetune, trunk
 from tasks.closure import import_closure
 from tasks import ingest as ingest_stage
 from tasks.finetune_eval import Params
+from tasks.progress import show_progress
 from tasks.proxy import model_identity
 from tasks.stage import run_stage, write_json
 
+log = logging.getLogger(__name__)
 # Every project module this stage imports, transitively: the run cache key follows the code (tasks/closure.py),
 # so a change to, say, extract.pack_batches (which decides the training batches) retrains what it touches.
 CODE = import_closure(__file__)
@@ -74,11 +76,12 @@ def fine_tune_and_evaluate(pool_rows: list[dict] | None, problems: list[dict], m
         examples = [encode_row(tokenizer, row, params) for row in pool_rows]
         states = None if cache is None else [cache.pool[row["id"]] for row in pool_rows]
         started = time.perf_counter()
-        with tqdm(desc="fine-tune", unit="step", disable=None, leave=False) as progress:
-            model, log = finetune.train(model, examples, params, finetune.padding_id(tokenizer), progress, states)
+        with show_progress("fine-tune", None, "step", log, leave=False) as progress:
+            model, train_log = finetune.train(model, examples, params, finetune.padding_id(tokenizer), progress,
+                                              states)
         result.update(n_train=len(examples), n_train_tokens=sum(len(e.input_ids) for e in examples),
                       n_truncated=sum(e.truncated for e in examples),
-                      train={**log, "seconds": round(time.perf_counter() - started, 1)})
+                      train={**train_log, "seconds": round(time.perf_counter() - started, 1)})
     started = time.perf_counter()
     result["eval"] = evaluate.evaluate(model, tokenizer, problems, params, patterns,
                                        None if cache is None else (cache.end, cache.test))
@@ -113,15 +116,17 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
         cache = trunk.prepare(finetune.load_model(Path(model), device), needed, tests, params,
                               finetune.padding_id(tokenizer))
     trunk_seconds = round(time.perf_counter() - trunk_started, 1)
-    for run, rows, key, cached in tqdm(plans, desc="finetune_eval", unit="run", disable=None):
-        if cached is not None and cached.is_file():
-            result = json.loads(cached.read_text(encoding="utf-8"))
-        else:
-            result = fine_tune_and_evaluate(rows, problems, Path(model), tokenizer, params, device,
-                                            ingest.answer_patterns, cache)
-            if cached is not None:
-                write_json(cached, result)  # before the next run starts: an interruption loses one run at most
-        write_json(Path(out_dir) / f"{run['name']}.json", {**run, **result, "key": key})
+    with show_progress("finetune_eval", len(plans), "run", log) as progress:
+        for run, rows, key, cached in plans:
+            if cached is not None and cached.is_file():
+                result = json.loads(cached.read_text(encoding="utf-8"))
+            else:
+                result = fine_tune_and_evaluate(rows, problems, Path(model), tokenizer, params, device,
+                                                ingest.answer_patterns, cache)
+                if cached is not None:
+                    write_json(cached, result)  # before the next run starts: an interruption loses one run at most
+            write_json(Path(out_dir) / f"{run['name']}.json", {**run, **result, "key": key})
+            progress.update(1)
     stats = {"runs": [run["name"] for run, *_ in plans], "trained": len(pending),
              "from_cache": len(plans) - len(pending), "device": device, "trunk_cache": cache is not None,
              "trunk_seconds": trunk_seconds, "seconds": round(time.perf_counter() - started, 1)}

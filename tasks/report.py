@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from tasks import svgplot
 from tasks.stage import ParamsError, StageLedger, atomic_write_bytes, atomic_write_text, run_stage
 
-STAGE_ORDER = ("ingest", "segment", "model", "extract", "score", "aggregate", "select", "validate", "export")
+STAGE_ORDER = ("ingest", "segment", "model", "extract", "unconditional", "score", "aggregate", "select", "validate",
+               "export")
 LEDGER_KEYS = ("stage", "read", "kept", "quarantined")
 
 
@@ -43,10 +44,28 @@ class Params:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content; {} when the file is absent (an outputs tree from before the file existed)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, Any]]:
-    """Every outputs/<stage>/stats.json, in DAG order (unknown stages last, by name)."""
+    """Every outputs/<stage>/stats.json, and a row for model, select and validate (which write other
+    files), in DAG order (unknown stages last, by name)."""
     found = [p for p in outputs.glob("*/stats.json") if skip is None or p.parent.resolve() != skip.resolve()]
     stats = [{"stage": p.parent.name, **json.loads(p.read_text(encoding="utf-8"))} for p in found]
+    named = {s["stage"] for s in stats}
+    model, manifest = read_json(outputs / "model/model_info.json"), read_json(outputs / "select/manifest.json")
+    results = read_json(outputs / "validate/results.json")
+    if model and "model" not in named:
+        stats.append({"stage": "model", **{k: model[k] for k in ("source", "identity", "n_params") if k in model}})
+    if manifest and "select" not in named:  # select ranks every scored trace and drops none
+        n = manifest.get("n_scored")
+        stats.append({"stage": "select", "read": n, "kept": n, "quarantined": 0 if n is not None else None,
+                      **{k: manifest[k] for k in ("method", "stratify_by", "n_selected") if k in manifest}})
+    if results and "validate" not in named:
+        stats.append({"stage": "validate", **{k: results[k] for k in ("success", "n_suites", "n_expectations",
+                                                                      "n_failed") if k in results}})
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     return sorted(stats, key=lambda s: (order.get(s["stage"], len(order)), s["stage"]))
 
@@ -59,6 +78,29 @@ def write_csv(path: Path, columns: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     pacsv.write_csv(pa.table(columns), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def run_settings(outputs: Path) -> list[tuple[str, str]]:
+    """(setting, value) rows: what shaped this selection, as the stages recorded it in their outputs
+    (not params.yaml, which may have changed since the run)."""
+    score, aggregate = read_json(outputs / "score/stats.json"), read_json(outputs / "aggregate/stats.json")
+    manifest = read_json(outputs / "select/manifest.json")
+    rules = []
+    for name, entry in manifest.get("subsets", {}).items():
+        if isinstance(entry, dict):
+            rules.append(f"{name}: " + (f"top {entry['fraction']:g}" if "fraction" in entry
+                                        else f"token budget {entry.get('token_budget')}"))
+    how = aggregate.get("how")
+    if how == "softmin":
+        how = f"softmin (tau {aggregate.get('softmin_tau')})"
+    trajectory = score.get("trajectory")
+    if trajectory == "ema":
+        trajectory = f"ema (beta {score.get('ema_beta')})"
+    rows = [("score.method", aggregate.get("method", manifest.get("method"))), ("score.gradient", score.get("gradient")),
+            ("score.lambda_", score.get("lambda_")), ("score.trajectory", trajectory),
+            ("score.first_step", score.get("first_step")), ("aggregate.how", how),
+            ("select (fractions, budgets)", ", ".join(rules) or None), ("select.stratify_by", manifest.get("stratify_by"))]
+    return [(name, "not recorded" if value is None else str(value)) for name, value in rows]
 
 
 # ---- traces with coloured steps ----------------------------------------------------------------
@@ -90,12 +132,18 @@ def render_trace(row: dict[str, Any], steps: dict[int, dict[str, Any]], limit: f
             value = step.get("step_score")
             tip = (f"step {k + 1}: score {_num(value)}, alpha {_num(step.get('alpha'))}, "
                    f"consistency {_num(step.get('consistency'))}")
-            pieces.append(f'<span class="step" style="background:{svgplot.diverging_colour(value, limit)}" '
+            pieces.append(f'<span class="n">{k + 1}</span>'
+                          f'<span class="step" style="background:{svgplot.diverging_colour(value, limit)}" '
                           f'title="{escape(tip)}">{escape(text[start:end])}</span>')
         cursor = end
     pieces.append(escape(text[cursor:]))
+    # The numbers in the page itself: a printed or mailed copy has no hover tooltips.
+    numbers = "".join(f"<tr><td>{k + 1}</td><td>{_num(steps.get(k, {}).get('alpha'))}</td>"
+                      f"<td>{_num(steps.get(k, {}).get('consistency'))}</td>"
+                      f"<td>{_num(steps.get(k, {}).get('step_score'))}</td></tr>" for k in range(len(row["step_starts"])))
     return (f'<div class="trace"><div class="meta">{meta}</div><div class="question">{escape(row["question"])}</div>'
-            f'<pre>{"".join(pieces)}</pre></div>')
+            f'<pre>{"".join(pieces)}</pre><table class="steps"><tr><th>step</th><th>alpha</th><th>consistency</th>'
+            f'<th>step score</th></tr>{numbers}</table></div>')
 
 
 def _num(value: Any) -> str:
@@ -178,8 +226,11 @@ def report(outputs: Path, out_dir: Path, params: Params) -> dict:
         svgplot.line(grid, n_selected, "score threshold", "traces with score >= threshold",
                      "Subset size vs threshold", markers),
     ]
+    first_step = read_json(outputs / "score/stats.json").get("first_step", "alpha")
+    header = {"settings": run_settings(outputs), "model": read_json(outputs / "model/model_info.json"),
+              "validation": read_json(outputs / "validate/results.json"), "first_step": first_step}
     html = page(read_stage_stats(outputs, skip=out_dir), subsets, thresholds, len(score_of), charts,
-                svgplot.colour_legend(limit, "step score"), rendered)
+                svgplot.colour_legend(limit, "step score"), rendered, header)
     atomic_write_text(out_dir / "report.html", html)
     ledger.extra.update({"examples_kept": len(rendered.get("kept", [])),
                          "examples_rejected": len(rendered.get("rejected", [])), "scatter_points": len(alpha)})
@@ -190,8 +241,10 @@ def report(outputs: Path, out_dir: Path, params: Params) -> dict:
 CSS = """body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:first-child,th:first-child,td.text{text-align:left}.trace{border:1px solid #ddd;margin:1em 0;padding:.5em}
-.meta{font-size:12px;color:#555}.question{margin:.4em 0;font-style:italic}
-pre{white-space:pre-wrap;font-size:13px;line-height:1.6}.answer{text-decoration:underline 2px;font-weight:bold}"""
+.meta{font-size:12px;color:#555}.question{margin:.4em 0;font-style:italic}td.text{overflow-wrap:anywhere}
+pre{white-space:pre-wrap;font-size:13px;line-height:1.6}.answer{text-decoration:underline 2px;font-weight:bold}
+.n{font-size:10px;color:#555;vertical-align:super;margin:0 2px}.caption{font-size:13px;color:#444}
+.failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}"""
 
 
 def stage_rows(stats: list[dict[str, Any]]) -> str:
@@ -199,7 +252,7 @@ def stage_rows(stats: list[dict[str, Any]]) -> str:
     for s in stats:
         reasons = ", ".join(f"{k.removeprefix('quarantined_')}: {v}" for k, v in s.items()
                             if k.startswith("quarantined_"))
-        other = "; ".join(f"{k}={json.dumps(v)[:80]}" for k, v in s.items()
+        other = "; ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in s.items()
                           if k not in LEDGER_KEYS and not k.startswith("quarantined_"))
         cells = [escape(s["stage"])] + [escape(str(s.get(k, "-"))) for k in LEDGER_KEYS[1:]]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
@@ -208,20 +261,53 @@ def stage_rows(stats: list[dict[str, Any]]) -> str:
             "<th>other</th></tr>" + "".join(rows) + "</table>")
 
 
+def header_html(header: dict[str, Any]) -> str:
+    """Settings that shaped the selection, the scoring model and the validation status."""
+    settings = "".join(f'<tr><td>{escape(name)}</td><td class="text">{escape(value)}</td></tr>'
+                       for name, value in header["settings"])
+    model = header["model"]
+    n_params = model.get("n_params")
+    model_text = (f"{escape(str(model.get('source')))} &middot; identity <code>{escape(str(model.get('identity')))}</code>"
+                  + (f" &middot; {n_params:,} parameters" if isinstance(n_params, int) else "") if model else "not recorded")
+    results = header["validation"]
+    if not results:
+        validation = "not recorded"
+    elif results.get("success"):
+        validation = (f'<span class="passed">passed</span>: {results.get("n_expectations")} expectations in '
+                      f'{results.get("n_suites")} suites (details: validate/results.json)')
+    else:
+        failures = "".join(f"<li>{escape(name)}: {escape(str(f.get('expectation')))} [{escape(str(f.get('column')))}] "
+                           f"observed {escape(str(f.get('observed')))}</li>"
+                           for name, suite in results.get("suites", {}).items() for f in suite.get("failed", []))
+        validation = (f'<span class="failed">FAILED</span>: {results.get("n_failed")} of '
+                      f'{results.get("n_expectations")} expectations<ul>{failures}</ul>')
+    return (f"<h2>Run</h2><p>Scoring model: {model_text}</p><p>Validation: {validation}</p>"
+            f"<table><tr><th>setting</th><th>value</th></tr>{settings}</table>")
+
+
 def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds: dict[str, float], n_scored: int,
-         charts: list[str], legend: str, rendered: dict[str, list[str]]) -> str:
+         charts: list[str], legend: str, rendered: dict[str, list[str]], header: dict[str, Any]) -> str:
     subset_rows = "".join(f"<tr><td>{escape(n)}</td><td>{len(ids)}</td><td>{_num(thresholds.get(n))}</td></tr>"
                           for n, ids in sorted(subsets.items(), key=lambda kv: len(kv[1])))
     traces = "".join(f"<h3>{group.capitalize()} ({len(items)})</h3>" + "".join(items)
                      for group, items in rendered.items())
+    diagonal = ("The dense diagonal (consistency = alpha) is the first steps: a first step has no earlier step "
+                "to agree with, so its consistency is its alpha (score.first_step: alpha)."
+                if header["first_step"] == "alpha" else "First steps have no consistency (score.first_step: skip) "
+                "and are not drawn.")
+    captions = ["", "", diagonal, ""]
+    figures = "".join(f'<div>{chart}<p class="caption">{caption}</p></div>' if caption else f"<div>{chart}</div>"
+                      for chart, caption in zip(charts, captions))
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>GRACE curation report</title>
 <style>{CSS}</style></head><body><h1>GRACE curation report</h1>
 <p>{n_scored} traces scored.</p>
+{header_html(header)}
 <h2>Subsets</h2><table><tr><th>subset</th><th>size</th><th>lowest kept score</th></tr>{subset_rows}</table>
 <h2>Per-stage counts</h2>{stage_rows(stats)}
-<h2>Distributions</h2>{"".join(f"<div>{c}</div>" for c in charts)}
-<h2>Example traces</h2><p>Steps coloured by step score (hover for alpha and consistency); the answer is underlined.
-Kept traces are in at least one subset, rejected ones in none.</p>{legend}{traces}
+<h2>Distributions</h2>{figures}
+<h2>Example traces</h2><p>Steps coloured by step score and numbered; the table under each trace gives every
+step's alpha (alignment with the answer), consistency (with the steps before it) and step score. The answer is
+underlined. Kept traces are in at least one subset, rejected ones in none.</p>{legend}{traces}
 </body></html>
 """
 

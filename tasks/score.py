@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from tasks.extract import read_extract
 from tasks.schema import STEP_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
 GRAM_COLUMNS = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}
@@ -165,12 +165,13 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
         value = pc.mean(steps[name]).as_py()
         return None if value is None else round(value, 6)
 
-    ledger.extra.update(gradient=params.gradient, steps=steps.num_rows,
+    settings = {"lambda_": params.lambda_, "trajectory": params.trajectory, "first_step": params.first_step,
+                **({"ema_beta": params.ema_beta} if params.trajectory == "ema" else {})}  # for the report
+    ledger.extra.update(gradient=params.gradient, **settings, steps=steps.num_rows,
                         skipped_steps=steps["step_score"].null_count, **zero_counts, mean_alpha=mean("alpha"),
                         mean_consistency=mean("consistency"), mean_step_score=mean("step_score"))
-    ledger.check_balance()
-    write_json(Path(out_dir) / "stats.json", ledger.stats())
-    return ledger.stats()
+    ledger.metrics.update({name: ledger.extra[name] for name in ("mean_alpha", "mean_consistency", "mean_step_score")})
+    return ledger.write_stats(Path(out_dir) / "stats.json")
 
 
 def main(argv: list[str] | None = None) -> dict:

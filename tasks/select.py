@@ -18,8 +18,9 @@ to the pool's exactly (a random subset's mix in expectation), whatever the score
 a cluster, and it needs no assumption that scores are comparable across clusters after z-scoring.
 Every subset reports how many clusters it covers, with or without this option.
 
-Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet and
-manifest.json (also the DVC metrics file).
+Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet,
+manifest.json (everything, content hashes included) and metrics.json (the DVC metrics file: per
+subset its size, tokens and score threshold).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.cluster import read_clusters
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, atomic_write_text, run_stage, stage_logger, write_json, write_parquet
 
 MISSING_STRATUM = "<missing>"
 SUBSET_FILES = ("subset.jsonl", "ids.txt")
@@ -257,6 +258,12 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
         "subsets": manifest_subsets,
     }
     write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "metrics.json", {name: {key: entry[key] for key in ("n_selected", "n_tokens", "score_threshold",
+                                                                             "n_clusters_covered")}
+                                          for name, entry in manifest_subsets.items()})
+    stage_logger("select").info("select: ranked %d, %s", n, ", ".join(
+        f"{name} {entry['n_selected']} (threshold {entry['score_threshold']:.4g})" if entry["n_selected"]
+        else f"{name} 0" for name, entry in manifest_subsets.items()))
     return manifest
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,38 @@ import yaml
 from tasks.schema import QuarantineRecord
 
 P = TypeVar("P")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"  # messages begin with their stage: "ingest: read 30, ..."
+
+
+def stage_logger(stage: str) -> logging.Logger:
+    """The stage's logger, under `tasks`: the one name the Prefect flow forwards to its run log."""
+    return logging.getLogger(f"tasks.{stage}")
+
+
+def show_stage_logs() -> None:
+    """A command-line stage prints its own INFO lines on stderr (dvc repro shows them).
+
+    Only the `tasks` loggers: libraries' INFO chatter (great-expectations logs hundreds of lines)
+    stays at Python's default, warnings and up."""
+    logger = logging.getLogger("tasks")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):  # one handler, however often called
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at each record (as logging's last-resort handler does), not
+    the stream of the moment it was made: a test harness or a caller may swap stderr in between."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 class ParamsError(ValueError):
@@ -80,6 +114,7 @@ def run_stage(
     for name, help_text in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
     args = parser.parse_args(argv)
+    show_stage_logs()
     kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
     kwargs["params"] = load_params(params_cls, section, args.params)
     for extra_section, extra_cls in extra_sections:
@@ -139,6 +174,9 @@ class StageLedger:
     """Counts what a stage read, kept and quarantined (by reason), and holds the quarantine.
 
     `write()` refuses to write stats where the books do not balance: nothing vanishes silently.
+    stats.json holds every count and setting (bookkeeping); `metrics`, when a stage sets any, go to
+    metrics.json beside it, the DVC metrics file: only the figures people compare across
+    experiments, so `dvc metrics show` and `dvc exp show` stay readable.
     """
 
     def __init__(self, stage: str) -> None:
@@ -147,6 +185,7 @@ class StageLedger:
         self.kept = 0
         self.quarantine: list[QuarantineRecord] = []
         self.extra: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
 
     def count_read(self, n: int = 1) -> None:
         self.read += n
@@ -184,9 +223,23 @@ class StageLedger:
                 f"+ quarantined {len(self.quarantine)}"
             )
 
+    def summary_line(self) -> str:
+        """'ingest: read 30, kept 0, quarantined 30 (missing_field 30)': the counts a user checks first."""
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.quarantined_by_reason.items())
+        return (f"{self.stage}: read {self.read}, kept {self.kept}, quarantined {len(self.quarantine)}"
+                + (f" ({reasons})" if reasons else ""))
+
+    def write_stats(self, stats_path: str | os.PathLike) -> dict[str, Any]:
+        """stats.json (and metrics.json beside it), for a stage that writes no quarantine file."""
+        self.check_balance()
+        stats = self.stats()
+        write_json(stats_path, stats)
+        if self.metrics:
+            write_json(Path(stats_path).with_name("metrics.json"), self.metrics)
+        stage_logger(self.stage).info(self.summary_line())
+        return stats
+
     def write(self, stats_path: str | os.PathLike, quarantine_path: str | os.PathLike) -> dict[str, Any]:
         self.check_balance()
         atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in self.quarantine))
-        stats = self.stats()
-        write_json(stats_path, stats)
-        return stats
+        return self.write_stats(stats_path)

@@ -15,6 +15,7 @@ WIDTH, HEIGHT = 640, 280
 LEFT, RIGHT, TOP, BOTTOM = 60, 16, 16, 44  # frame margins: room for tick labels and axis titles
 NEGATIVE, ZERO, POSITIVE = (178, 24, 43), (247, 247, 247), (33, 102, 172)  # diverging red-white-blue
 MARKER_COLOURS = ("#d95f02", "#7570b3", "#1b9e77", "#e7298a", "#66a61e", "#e6ab02")
+CHAR_WIDTH, ROW_HEIGHT = 6.5, 14  # px per character and per label row at font-size 11 (an upper estimate)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
@@ -62,6 +63,38 @@ class _Frame:
         return parts
 
 
+def marker_rows(spans: Sequence[tuple[float, float]], gap: float = 4.0) -> list[int]:
+    """Row of each label's (left, right) pixel span: the first row where it overlaps no earlier label."""
+    taken: list[list[tuple[float, float]]] = []
+    rows = []
+    for left, right in spans:
+        row = next((r for r, used in enumerate(taken)
+                    if all(right + gap <= a or left >= b + gap for a, b in used)), len(taken))
+        if row == len(taken):
+            taken.append([])
+        taken[row].append((left, right))
+        rows.append(row)
+    return rows
+
+
+def _markers(frame: _Frame, markers: Sequence[tuple[float, str]]) -> list[str]:
+    """Dashed vertical lines with labels that never overlap: a label sits left of its line (right of it
+    where the frame ends) on the first free row, with a white halo to stay legible over bars."""
+    spans = []
+    for x, label in markers:
+        px, width = frame.px(x), CHAR_WIDTH * len(label)
+        left = px - 3 - width if px - 3 - width >= LEFT else px + 3
+        spans.append((left, left + width))
+    parts = []
+    for i, ((x, label), (left, _), row) in enumerate(zip(markers, spans, marker_rows(spans))):
+        colour, px = MARKER_COLOURS[i % len(MARKER_COLOURS)], frame.px(x)
+        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="{colour}" '
+                     f'stroke-width="1.5" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{left:.1f}" y="{TOP + 12 + ROW_HEIGHT * row}" fill="{colour}" stroke="white" '
+                     f'stroke-width="3" paint-order="stroke">{escape(label)}</text>')
+    return parts
+
+
 def _svg(parts: list[str], title: str) -> str:
     return (f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" '
             f'height="{HEIGHT}" font-family="sans-serif" font-size="11" role="img" aria-label="{escape(title)}">'
@@ -77,13 +110,7 @@ def histogram(counts: np.ndarray, edges: np.ndarray, markers: Sequence[tuple[flo
         y = frame.py(float(count))
         parts.append(f'<rect x="{frame.px(left):.1f}" y="{y:.1f}" width="{max(frame.px(right) - frame.px(left) - 1, 0.5):.1f}" '
                      f'height="{frame.py(0) - y:.1f}" fill="#6b8fb8"><title>[{left:.4g}, {right:.4g}): {int(count)}</title></rect>')
-    for i, (x, label) in enumerate(markers):
-        colour, px = MARKER_COLOURS[i % len(MARKER_COLOURS)], frame.px(x)
-        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="{colour}" '
-                     f'stroke-width="1.5" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{px - 3:.1f}" y="{TOP + 12 + 12 * i}" text-anchor="end" fill="{colour}">'
-                     f'{escape(label)}</text>')
-    return _svg(parts, title)
+    return _svg(parts + _markers(frame, markers), title)
 
 
 def scatter(x: np.ndarray, y: np.ndarray, x_label: str, y_label: str, title: str) -> str:
@@ -101,12 +128,7 @@ def line(x: np.ndarray, y: np.ndarray, x_label: str, y_label: str, title: str,
     parts = frame.axes(x_label, y_label)
     points = " ".join(f"{frame.px(a):.1f},{frame.py(b):.1f}" for a, b in zip(x.tolist(), y.tolist()))
     parts.append(f'<polyline points="{points}" fill="none" stroke="#2166ac" stroke-width="1.5"/>')
-    for i, (mx, label) in enumerate(markers):
-        colour, px = MARKER_COLOURS[i % len(MARKER_COLOURS)], frame.px(mx)
-        parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="{colour}" '
-                     f'stroke-dasharray="4 3"/><text x="{px + 3:.1f}" y="{TOP + 12 + 12 * i}" fill="{colour}">'
-                     f'{escape(label)}</text>')
-    return _svg(parts, title)
+    return _svg(parts + _markers(frame, markers), title)
 
 
 def diverging_colour(value: float | None, limit: float) -> str:

@@ -22,6 +22,7 @@ stats.json.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.extract import Params, read_segment_batches, pack_batches
+from tasks.progress import show_progress
 from tasks.proxy import ProxyModel, resolve_device
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
 from tasks.stage import StageLedger, run_stage, write_parquet
@@ -43,6 +45,7 @@ UNCONDITIONAL_SCHEMA = pa.schema(
     ]
 )
 NO_PROMPT = "[]"  # prompt_messages of a chat with no turn before the response
+log = logging.getLogger(__name__)
 COLUMNS = ["id", "source_row", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
 
 
@@ -83,17 +86,20 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
                 ids.append(row["id"])
                 n_tokens.append(int(encoding.span_token_counts.sum()))
                 loss_sums.append(float(trace_numbers.span_loss_sums.sum()))
+            progress.update(len(batch))
+        progress.update(len(rows) - len(encoded))  # the refused traces of the chunk
         ledger.keep(len(encoded))
         rows.clear()
 
-    for record_batch in read_segment_batches(segments, COLUMNS):
-        for row in record_batch.to_pylist():
-            ledger.count_read()
-            rows.append(row)
-            if len(rows) == params.shard_size:
-                run_chunk()
-    if rows:
-        run_chunk()
+    with show_progress("unconditional", pq.ParquetFile(segments).metadata.num_rows, "trace", log) as progress:
+        for record_batch in read_segment_batches(segments, COLUMNS):
+            for row in record_batch.to_pylist():
+                ledger.count_read()
+                rows.append(row)
+                if len(rows) == params.shard_size:
+                    run_chunk()
+        if rows:
+            run_chunk()
     counts = np.array(n_tokens, dtype=np.int32)
     loss_sum = np.array(loss_sums, dtype=np.float64)
     table = pa.Table.from_arrays(
@@ -103,6 +109,7 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
     ledger.extra.update(loss_tokens=int(counts.sum()),
                         mean_loss=round(float(loss_sum.sum() / max(counts.sum(), 1)), 6),
                         seconds=round(time.perf_counter() - started, 3))
+    ledger.metrics.update(mean_loss=ledger.extra["mean_loss"], seconds=ledger.extra["seconds"])
     return ledger.write(Path(out_dir) / "stats.json", Path(out_dir) / "quarantine.jsonl")
 
 

@@ -11,6 +11,7 @@ out_dir/data_docs. results.json holds the outcome per suite; a failure raises wh
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, run_stage, write_json
+from tasks.stage import ParamsError, run_stage, stage_logger, write_json
 
 DOCS_SITE = "grace_outputs"
 
@@ -152,6 +153,10 @@ def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     report["n_failed"] = sum(s["n_failed"] for s in report["suites"].values())
     report["success"] = report["n_failed"] == 0
     write_json(out_dir / "results.json", report)
+    write_json(out_dir / "metrics.json", {key: report[key] for key in ("n_expectations", "n_failed")})
+    stage_logger("validate").log(logging.INFO if report["success"] else logging.ERROR,
+                                 "validate: %d expectations in %d suites, %d failed",
+                                 report["n_expectations"], report["n_suites"], report["n_failed"])
     if params.fail_on_error and not report["success"]:
         lines = [
             f"  {name}: {f['expectation']} [{f['column']}] observed {f['observed']}"

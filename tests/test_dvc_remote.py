@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import yaml
 from configobj import ConfigObj
 
-from tests.tasks.outputs_tree import dvc, git, init_pipeline_repo
+from tests.tasks.outputs_tree import OUTPUT_DIRS, dvc, git, init_pipeline_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +45,47 @@ def test_push_then_pull_in_a_fresh_clone_restores_outputs_byte_identically(tmp_p
     expected, restored = tree_bytes(repo / "outputs"), tree_bytes(clone / "outputs")
     assert restored == expected
     assert "select/subsets/top10pct/ids.txt" in restored and "select/subsets/ranking.parquet" in restored
+
+
+def dvc_output(repo: Path, *args: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                          env=os.environ | {"DVC_NO_ANALYTICS": "1"}, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_fresh_clone_with_never_run_pipelines_pulls_and_is_up_to_date(tmp_path):
+    """The README's `dvc pull dvc.yaml` / `dvc status dvc.yaml` on a clone of a repo that also holds the
+    project's optional pipelines, never run; plain `dvc status` names those pipelines and nothing else."""
+    tracked = git(ROOT, "ls-files", "finetune", "diagnostics").split()
+    assert "finetune/dvc.lock" not in tracked and "diagnostics/dvc.lock" not in tracked, tracked
+    repo = tmp_path / "grace"
+    init_pipeline_repo(repo, 0.5, [0.1, 0.2])
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))
+    # One out per stage directory, as the real dvc.yaml has: `outputs` whole would overlap their outs.
+    pipeline["stages"]["curate"]["outs"] = [f"outputs/{name}" for name in OUTPUT_DIRS]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))  # the optional pipelines read it
+    params["score"] |= {"lambda_": 0.5}
+    params["select"] |= {"fractions": [0.1, 0.2]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    optional: set[str] = set()
+    for pipeline in ("finetune", "diagnostics"):
+        (repo / pipeline).mkdir()
+        shutil.copy(ROOT / pipeline / "dvc.yaml", repo / pipeline / "dvc.yaml")
+        optional |= {f"{pipeline}/dvc.yaml:{name}" for name in
+                     yaml.safe_load((ROOT / pipeline / "dvc.yaml").read_text(encoding="utf-8"))["stages"]}
+    dvc(repo, "repro", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "curation only")
+    dvc(repo, "push", "-q", "dvc.yaml")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(repo), str(clone))
+    rc, output = dvc_output(clone, "pull", "dvc.yaml")
+    assert rc == 0, output
+    assert tree_bytes(clone / "outputs") == tree_bytes(repo / "outputs")
+    rc, output = dvc_output(clone, "status", "dvc.yaml")
+    assert rc == 0 and "Data and pipelines are up to date." in output, output
+    rc, output = dvc_output(clone, "status")
+    assert set(re.findall(r"^(\S+):$", output, flags=re.MULTILINE)) == optional, output

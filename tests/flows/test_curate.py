@@ -15,12 +15,15 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
-                                            FlowRunFilterId, FlowRunFilterParentFlowRunId)
+                                            FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter,
+                                            LogFilterFlowRunId)
+from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 
 import tasks.extract
-from flows.curate import (SUMMARY_ARTIFACT_KEY, curate, dask_task_runner, ingest_task, model_task, score_task,
+from flows.curate import (EPHEMERAL_STARTUP_SECONDS, SUMMARY_ARTIFACT_KEY, curate, prefect_settings, dask_task_runner, ingest_task, model_task, score_task,
                           segment_task, stage_paths, summary_markdown, validation_report)
 from tasks.validate import ExpectationsFailed
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
@@ -34,6 +37,7 @@ def run_curate(root: Path):
     """curate() with its default (relative) paths, from `root`; returns the flow's final state."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
+        patch.setenv("GRACE_PROGRESS", "log")  # as `python -m flows.curate` asks
         return curate(return_state=True)
 
 
@@ -109,7 +113,33 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert f"| top50pct | top 50% of traces | 2 | {tokens} | {threshold:.4g} |" in markdown
     assert "| budget100000tok | token budget 100000 | 4 |" in markdown
     assert "## Validation: passed" in markdown
+    assert "| subset | traces | alpaca rows | messages rows | parquet rows |" in markdown
+    assert "| top50pct | 2 | 2 | 2 | 2 |" in markdown  # traces, not subset x format rows
     assert f"Scoring model: {state.result()['stages']['model']['source']} (identity " in markdown
+
+
+def test_stage_log_lines_reach_the_run_log(in_process_run):
+    _, state = in_process_run
+    APILogHandler().flush()  # the handler ships logs in the background
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200)
+    messages = [log.message for log in logs]
+    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_answer 1)" in messages
+    assert "segment: read 5, kept 4, quarantined 1 (no_steps 1)" in messages
+    assert any(m.startswith("extract: 4/4 traces (100%)") for m in messages), messages
+    assert any(m.startswith("select: ranked 4, top50pct 2 (threshold ") for m in messages), messages
+    assert "validate: " in " ".join(messages)
+
+
+def test_entry_points_give_the_temporary_api_longer_to_start():
+    setting = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    with temporary_settings({setting: 20}):  # Prefect's default
+        with prefect_settings():
+            assert setting.value() == EPHEMERAL_STARTUP_SECONDS == 180
+    with temporary_settings({setting: 600}):  # a user's larger value wins
+        with prefect_settings():
+            assert setting.value() == 600
 
 
 def test_dask_two_workers_identical(prefect_api, in_process_run, tmp_path, tiny_model_dir):

@@ -4,8 +4,8 @@
 with eight GSM rows, four of them bad in some way, and params for the tiny test model.
 
 `assert_same_artifacts` compares two outputs/ trees: every artifact as bytes, except what records
-the run rather than the data: the run counters (wall time, throughput, cache hits) in stats.json and
-where report.html shows them, the great-expectations Data Docs (each page is stamped with its run
+the run rather than the data: the run counters (wall time, throughput, cache hits) in stats.json,
+metrics.json and where report.html shows them, the great-expectations Data Docs (each page is stamped with its run
 time, and so is its path) and the .gitignore files DVC writes next to its outputs.
 """
 
@@ -52,13 +52,13 @@ def write_workspace(root: Path, model_dir: Path, **extract_overrides) -> Path:
 
 
 def artifact_tree(outputs: Path) -> dict[str, bytes | dict]:
-    """relative path -> file bytes, or for stats.json its content, less the run counters."""
+    """relative path -> file bytes, or for stats.json and metrics.json their content, less the run counters."""
     tree: dict[str, bytes | dict] = {}
     for path in sorted(p for p in Path(outputs).rglob("*") if p.is_file()):
         relative = path.relative_to(outputs).as_posix()
         if relative.startswith(DATA_DOCS) or path.name == ".gitignore":
             continue
-        if path.name == "stats.json":
+        if path.name in ("stats.json", "metrics.json"):
             stats = json.loads(path.read_text(encoding="utf-8"))
             tree[relative] = {key: value for key, value in stats.items() if not RUN_COUNTER.fullmatch(key)}
         elif relative == "report/report.html":

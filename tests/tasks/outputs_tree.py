@@ -1,9 +1,9 @@
 """Hand-made curation outputs in the real schemas, and tiny git+DVC repos, for the diff, report,
 export and remote tests.
 
-`build_outputs(root)` writes what ingest..select would: segments.parquet, step_scores.parquet,
-sample_scores.parquet, select/subsets/<name>/ids.txt + ranking.parquet, and every stage's
-stats.json. Step scores follow the method (s = lambda*alpha + (1-lambda)*c, sample score = mean),
+`build_outputs(root)` writes what ingest..validate would: segments.parquet, step_scores.parquet,
+sample_scores.parquet, select/subsets/<name>/ids.txt + ranking.parquet + manifest.json, every
+stage's stats.json, model/model_info.json and validate/results.json (all of OUTPUT_DIRS). Step scores follow the method (s = lambda*alpha + (1-lambda)*c, sample score = mean),
 so changing lambda_ reorders traces the way a real re-run would.
 
 `python -m tests.tasks.outputs_tree` does the same from ./params.yaml (score.lambda_,
@@ -34,6 +34,8 @@ STAGE_STATS = {  # distinct numbers per stage, so a test can find each stage's r
     "aggregate": {"read": 991, "kept": 987, "quarantined": 4, "quarantined_no_step_scores": 4},
     "select": {"read": 987, "kept": 987, "quarantined": 0, "method": "grace"},
 }
+OUTPUT_DIRS = (*STAGE_STATS, "model", "validate")
+MODEL_INFO = {"identity": "9f" * 32, "source": "tiny test model", "n_params": 12345}
 
 
 def build_outputs(root: Path, n: int = 30, lambda_: float = 0.5, fractions=(0.1, 0.2), seed: int = 0) -> dict:
@@ -81,10 +83,21 @@ def build_outputs(root: Path, n: int = 30, lambda_: float = 0.5, fractions=(0.1,
     ranking = {"id": order, "score": [scores[i] for i in order], "rank": list(range(1, n + 1)),
                "selected_in": [[s for s, m in subsets.items() if i in m] for i in order]}
     pq.write_table(pa.table(ranking), out / "select/subsets/ranking.parquet")
-    (out / "select/manifest.json").write_text(json.dumps({"subsets": {s: len(m) for s, m in subsets.items()}}))
+    manifest = {name: {"fraction": f, "n_selected": len(subsets[name]), "n_tokens": 20 * len(subsets[name]),
+                       "score_threshold": min(scores[i] for i in subsets[name])}
+                for name, f in zip(subsets, fractions)}
+    (out / "select/manifest.json").write_text(json.dumps({"n_scored": n, "method": "grace", "stratify_by": None,
+                                                          "subsets": manifest}))
+    settings = {"score": {"gradient": "proxy", "lambda_": lambda_, "trajectory": "sum", "first_step": "alpha"},
+                "aggregate": {"method": "grace", "how": "mean"}}
     for stage, stats in STAGE_STATS.items():
         (out / stage).mkdir(parents=True, exist_ok=True)
-        (out / stage / "stats.json").write_text(json.dumps({"stage": stage, **stats}))
+        (out / stage / "stats.json").write_text(json.dumps({"stage": stage, **stats, **settings.get(stage, {})}))
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    (out / "model/model_info.json").write_text(json.dumps(MODEL_INFO))
+    (out / "validate").mkdir(parents=True, exist_ok=True)
+    (out / "validate/results.json").write_text(json.dumps({"success": True, "n_suites": 3, "n_expectations": 17,
+                                                           "n_failed": 0, "suites": {}}))
     return {"scores": scores, "subsets": subsets}
 
 

@@ -141,3 +141,37 @@ def test_pure_parts():
     assert subset_diff("s", [], [])["jaccard"] is None
     assert ranks({"b": 1.0, "a": 1.0, "c": 2.0}, ["a", "b", "c"]) == {"c": 1, "a": 2, "b": 3}
     assert spearman([1.0, 1.0], [1.0, 2.0]) is None and spearman([1.0], [2.0]) is None
+
+
+def test_traces_crossing_a_subset_boundary_are_explained_with_their_steps(tmp_path, capsys):
+    """Same traces, lambda 0.5 -> 0.95: subsets change members; each crosser comes with its step texts and numbers."""
+    a = build_outputs(tmp_path / "a/outputs", n=30, lambda_=0.5, fractions=(0.1, 0.2))
+    b = build_outputs(tmp_path / "b/outputs", n=30, lambda_=0.95, fractions=(0.1, 0.2))
+    result = json.loads(run_cli(["diff", str(tmp_path / "a/outputs"), str(tmp_path / "b/outputs"), "--json"], capsys))
+    segments = {r["id"]: r for r in pq.read_table(tmp_path / "b/outputs/segment/segments.parquet").to_pylist()}
+    steps_b = snapshot(tmp_path / "b/outputs")["steps"]
+    crossed = 0
+    for c in result["crossings"]:
+        a_ids, b_ids = set(a["subsets"][c["subset"]]), set(b["subsets"][c["subset"]])
+        assert {t["id"] for t in c["traces"] if t["direction"] == "entered"} == b_ids - a_ids
+        assert {t["id"] for t in c["traces"] if t["direction"] == "left"} == a_ids - b_ids
+        assert c["threshold_a"] == min(a["scores"][i] for i in a_ids)
+        assert c["threshold_b"] == min(b["scores"][i] for i in b_ids)
+        for t in c["traces"]:
+            crossed += 1
+            inside, outside = ("b", "a") if t["direction"] == "entered" else ("a", "b")
+            assert t[f"score_{inside}"] >= c[f"threshold_{inside}"] and t[f"score_{outside}"] < c[f"threshold_{outside}"]
+            row = segments[t["id"]]
+            assert [s["step"] for s in t["steps"]] == list(range(1, len(row["step_starts"]) + 1))
+            for s in t["steps"]:
+                assert s["text"] == row["scored_response"][row["step_starts"][s["step_index"]]:row["step_ends"][s["step_index"]]]
+                assert s["step_score_b"] == pytest.approx(steps_b[(t["id"], s["step_index"])]["step_score"])
+    assert crossed > 0, "lambda 0.5 -> 0.95 should move some trace across a boundary"
+
+    text = run_cli(["diff", str(tmp_path / "a/outputs"), str(tmp_path / "b/outputs"), "--top", "1"], capsys)
+    first = next(c for c in result["crossings"] if c["traces"])
+    entered = sum(t["direction"] == "entered" for t in first["traces"])
+    assert f"### {first['subset']}: {entered} entered, {len(first['traces']) - entered} left" in text
+    t = first["traces"][0]
+    assert f"`{t['id']}` {t['direction']}: rank {t['rank_a']} -> {t['rank_b']}" in text
+    assert f"| 1 | Step 1: {t['id']} adds 0 + 0 = 0. |" in text  # step 1 is the first step, as in the report

@@ -9,8 +9,10 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from html import escape
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -141,3 +143,64 @@ def test_dvc_plots_show_reads_the_declared_plots(outputs, tmp_path):
         assert len(values) == len(read_csv(tmp_path / path)), path
         assert {props["x"], props["y"]} <= set(values[0]), path
         assert content["title"]["text"] == props["title"]
+
+
+def test_page_states_settings_model_validation_and_every_step_number(outputs):
+    """What a printed or mailed copy must carry in its text: no tooltips, no colours needed."""
+    root, _ = outputs
+    report(root, root / "report", Params(n_examples=30))
+    html = (root / "report/report.html").read_text()
+    for setting, value in [("score.method", "grace"), ("score.gradient", "proxy"), ("score.lambda_", "0.5"),
+                           ("score.first_step", "alpha"), ("aggregate.how", "mean"),
+                           ("select (fractions, budgets)", "top10pct: top 0.1, top20pct: top 0.2")]:
+        assert f'<tr><td>{setting}</td><td class="text">{value}</td></tr>' in html, setting
+    assert f"tiny test model &middot; identity <code>{'9f' * 32}</code> &middot; 12,345 parameters" in html
+    assert '<span class="passed">passed</span>: 17 expectations in 3 suites' in html
+    assert "consistency is its alpha (score.first_step: alpha)" in html
+    steps = pq.read_table(root / "score/step_scores.parquet").to_pylist()
+    for step in steps:  # every trace is shown: each step's row, numbered from 1 as in the text
+        row = (f"<tr><td>{step['step_index'] + 1}</td><td>{step['alpha']:.3f}</td><td>{step['consistency']:.3f}</td>"
+               f"<td>{step['step_score']:.3f}</td></tr>")
+        assert row in html, step
+    assert html.count('<span class="n">') == len(steps)
+
+
+def test_stage_table_has_select_and_validate_and_cuts_nothing(outputs):
+    root, _ = outputs
+    long_value = {f"source_{i}": i for i in range(20)}  # a JSON value far longer than a table cell
+    stats = json.loads((root / "ingest/stats.json").read_text())
+    (root / "ingest/stats.json").write_text(json.dumps({**stats, "answer_source": long_value}))
+    (root / "select/stats.json").unlink()  # the real select writes manifest.json only
+    report(root, root / "report", Params())
+    html = (root / "report/report.html").read_text()
+    assert escape(f"answer_source={json.dumps(long_value)}") in html
+    assert "<tr><td>select</td><td>30</td><td>30</td><td>0</td>" in html
+    assert re.search(r"<tr><td>validate</td>.*?success=true; n_suites=3; n_expectations=17; n_failed=0", html)
+    assert re.search(r"<tr><td>model</td>.*?identity=", html)
+
+
+def test_failed_validation_is_stated_with_each_failure(outputs):
+    root, _ = outputs
+    failure = {"expectation": "expect_column_values_to_be_between", "column": "alpha", "observed": "3 of 30"}
+    (root / "validate/results.json").write_text(json.dumps({
+        "success": False, "n_suites": 3, "n_expectations": 17, "n_failed": 1,
+        "suites": {"step_scores": {"failed": [failure]}}}))
+    report(root, root / "report", Params())
+    html = (root / "report/report.html").read_text()
+    assert '<span class="failed">FAILED</span>: 1 of 17 expectations' in html
+    assert "<li>step_scores: expect_column_values_to_be_between [alpha] observed 3 of 30</li>" in html
+
+
+def test_threshold_labels_never_overlap():
+    close = [(0.50, "top5pct >= 0.5"), (0.49, "top10pct >= 0.49"), (0.485, "top20pct >= 0.485"),
+             (0.10, "budget >= 0.1")]
+    svg = svgplot.histogram(np.array([3, 5, 2]), np.array([0.0, 0.2, 0.4, 0.6]), close, "score", "t")
+    boxes = []
+    for x, y, label in re.findall(r'<text x="([\d.]+)" y="([\d.]+)" fill="#[0-9a-f]+"[^>]*>([^<]+)</text>', svg):
+        boxes.append((float(x), float(x) + svgplot.CHAR_WIDTH * len(label), float(y)))
+    assert len(boxes) == 4
+    for i, (l1, r1, y1) in enumerate(boxes):
+        for l2, r2, y2 in boxes[i + 1:]:  # side by side, or a full line box (1.2 x font-size 11) apart
+            assert r1 <= l2 or r2 <= l1 or abs(y1 - y2) >= 1.2 * 11, (boxes, i)
+    assert all(svgplot.LEFT <= left for left, _, _ in boxes)
+    assert svgplot.marker_rows([(0, 10), (5, 15), (20, 30), (12, 18)]) == [0, 1, 0, 2]
