@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.schema import CLUSTER_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,7 @@ def cluster(extract: Path, out_dir: Path, params: Params) -> dict:
     ledger.extra.update(info, size_min=int(sizes.min()) if len(sizes) else 0,
                         size_median=float(np.median(sizes)) if len(sizes) else 0.0,
                         size_max=int(sizes.max()) if len(sizes) else 0)
-    ledger.check_balance()  # every extracted trace gets a cluster: nothing to quarantine
-    write_json(Path(out_dir) / "stats.json", ledger.stats())
-    return ledger.stats()
+    return ledger.write_stats(Path(out_dir) / "stats.json")  # every extracted trace gets a cluster: no quarantine
 
 
 def read_clusters(clusters: Path) -> dict[str, int]:

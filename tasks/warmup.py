@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json
+from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,7 @@ def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
                         steps=log["steps"], loss_first=log["loss_first"], loss_last=log["loss_last"],
                         identity=info["identity"], warmed_from=info["warmed_from"], device=device,
                         seconds=round(time.perf_counter() - started, 1))
-    stats = ledger.stats()
-    write_json(out_dir / "stats.json", stats)
-    return stats
+    return ledger.write_stats(out_dir / "stats.json")
 
 
 def main(argv: list[str] | None = None) -> dict:
