@@ -8,10 +8,11 @@ with i.i.d. N(0, 1/k) (or +-1/sqrt(k) Rademacher) entries, and extract keeps
     G^_s = P_out^T G_s P_in = sum_t (P_out^T delta_t^s)(P_in^T x_t)^T     (k_out, k_in)
 concatenated over layers, and the float64 Gram <G^_i, G^_j> of the K+1 spans (proxy_gram's shape).
 E[P P^T] = I for each factor and the two are independent, so every Gram entry is unbiased:
-E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. Its variance, in units of |A|_F |B|_F, is at most
-v = (1 + 2/k_out)(1 + 2/k_in) - 1 for a rank-one layer gradient (~4/k; tests/tasks/test_projected.py
-checks it), and layers' errors are independent, so a Gram entry's error shrinks with the number of
-layers that carry the gradient. A factor whose size is at most k is kept whole (exact, no larger);
+E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. For rank-one layer gradients its variance is at most
+v |A|_F^2 |B|_F^2 with v = (1 + 2/k_out)(1 + 2/k_in) - 1 (~4/k; each factor is a dense JL projection
+of one vector pair; tests/tasks/test_projected.py checks the bound on real, higher-rank gradients).
+Layers' errors are independent, so a Gram entry's variance is at most v sum_l |A_l|^2 |B_l|^2: it
+shrinks with the number of layers that carry the gradient. A factor whose size is at most k is kept whole (exact, no larger);
 projection_dim null keeps every factor whole: the Grams are then exactly those of the weight
 gradients (biases are left out: d_out numbers against d_out * d_in).
 
@@ -72,6 +73,7 @@ class ProjectedSpec:
     projection: str = "gaussian"  # gaussian | rademacher
     seed: int = 0  # projections, and the LoRA adapters' A
     lora_r: int = 8  # lora: adapter rank
+    embeddings: bool = False  # linear: the input embedding and LM head matrices too (one matrix if tied)
 
     def check(self) -> None:
         if self.target not in PROJECTED_TARGETS:
@@ -83,6 +85,8 @@ class ProjectedSpec:
                 raise ValueError(f"projected {name}={getattr(self, name)}: null or a positive integer")
         if self.lora_r < 1:
             raise ValueError(f"projected lora_r={self.lora_r}: must be >= 1")
+        if self.embeddings and self.target == "lora":
+            raise ValueError("projected embeddings with target lora: LoRA training leaves the embeddings frozen")
 
 
 def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, kind: str) -> torch.Tensor | None:
@@ -102,11 +106,23 @@ def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, k
     return matrix / math.sqrt(k)  # E[P P^T] = I: inner products unbiased
 
 
-def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, module) of every linear layer the spec differentiates, bottom block first."""
+def factor_sizes(module: torch.nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a layer y = W x; an embedding is one with x = onehot(token) (V) and y its row (d)."""
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.in_features, module.out_features
+
+
+def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every layer in the decoder the spec differentiates, bottom first (the embedding)."""
     names = {id(module): name for name, module in model.named_modules()}
     blocks = list(decoder_blocks(model))
     layers = []
+    if spec.embeddings:
+        embedding = model.get_input_embeddings()
+        if type(embedding) is not torch.nn.Embedding:  # e.g. Gemma scales its output: the hook would miss it
+            raise ValueError(f"projected embeddings: {type(embedding).__name__} is not a plain nn.Embedding")
+        layers.append((names[id(embedding)], embedding))
     for block in blocks[-spec.blocks:] if spec.blocks else blocks:
         for _, module in block.named_modules():
             name = names[id(module)]
@@ -153,17 +169,27 @@ class ProjectedModel(ProxyModel):
             inject_adapter_in_model(config, self.model)  # B = 0: the model's outputs are unchanged
             self.model.to(device).requires_grad_(False)  # gradients flow to the probes only
         self.layers = chosen_layers(self.model, spec)
-        self.projections = [(projection_matrix(spec.seed, name, "in", m.in_features, spec.dim, spec.projection),
-                             projection_matrix(spec.seed, name, "out", m.out_features, spec.dim, spec.projection))
-                            for name, m in self.layers]
-        self.projections = [tuple(None if p is None else p.to(device) for p in pair) for pair in self.projections]
-        self.dimension = sum((m.out_features if p_out is None else p_out.shape[1])
-                             * (m.in_features if p_in is None else p_in.shape[1])
-                             for (_, m), (p_in, p_out) in zip(self.layers, self.projections))
+        self.projections = [self._projections(name, module) for name, module in self.layers]  # (P_in, P_out)
+        sizes = [(d_in if p_in is None else p_in.shape[1], d_out if p_out is None else p_out.shape[1])
+                 for (d_in, d_out), (p_in, p_out) in zip((factor_sizes(m) for _, m in self.layers), self.projections)]
+        self.tied = spec.embeddings and self.head.weight is self.model.get_input_embeddings().weight
+        if spec.embeddings:
+            self.head_projections = self._projections("lm_head", self.head)
+            if self.tied:  # one matrix: the embedding's (V-side, d-side) factors are the head's, swapped
+                self.projections[0] = self.head_projections[::-1]
+            else:
+                sizes.append(sizes[0][::-1])  # the head's factors mirror the embedding's (d in, V out)
+        self.dimension = sum(k_in * k_out for k_in, k_out in sizes)
         self.batched: bool | None = None  # batched VJP works for this model: None until first tried
         self._capture: _Capture | None = None
         for index, (_, module) in enumerate(self.layers):
             module.register_forward_hook(self._hook(index))
+
+    def _projections(self, name: str, module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        d_in, d_out = factor_sizes(module)
+        return tuple(None if p is None else p.to(self.device) for p in (
+            projection_matrix(self.spec.seed, name, "in", d_in, self.spec.dim, self.spec.projection),
+            projection_matrix(self.spec.seed, name, "out", d_out, self.spec.dim, self.spec.projection)))
 
     def _hook(self, index: int):
         p_in, p_out = self.projections[index]
@@ -172,8 +198,13 @@ class ProjectedModel(ProxyModel):
             capture = self._capture
             if capture is None:
                 return None  # a plain forward (the logits probe at load): no probe
-            x = inputs[0].detach().float()  # (1, T, d_in)
-            capture.inputs.append(x if p_in is None else x @ p_in)  # (1, T, k_in)
+            if isinstance(module, torch.nn.Embedding):  # x = onehot(token): P_in^T x is P_in's row
+                ids = inputs[0]  # (1, T)
+                x = F.one_hot(ids, module.num_embeddings).float() if p_in is None else p_in[ids]  # (1, T, k_in)
+            else:
+                x = inputs[0].detach().float()  # (1, T, d_in)
+                x = x if p_in is None else x @ p_in  # (1, T, k_in)
+            capture.inputs.append(x)
             width = output.shape[-1] if p_out is None else p_out.shape[1]
             probe = output.new_zeros((*output.shape[:-1], width)).requires_grad_(True)  # (1, T, k_out)
             capture.probes.append(probe)
@@ -216,17 +247,36 @@ class ProjectedModel(ProxyModel):
                                        softcap=self.softcap, head_dtype=self.head_dtype if head_variant else None)
         capped = logits.float() if self.softcap is None else self.softcap * torch.tanh(logits.float() / self.softcap)
         # a token's loss depends on its own h_t only, so one backward of their sum gives every r_t = dl_t/dh_t
-        (r,) = torch.autograd.grad(F.cross_entropy(capped, batch["targets"], reduction="sum"), h)  # (N, d)
-        labels = torch.as_tensor(trace.loss_span[trace.loss_span >= 0], device=self.device)  # (N,) span of each
+        # and every upstream signal delta_t = dl_t/dlogits_t (the LM head's own gradient, span by span)
+        r, upstream = torch.autograd.grad(F.cross_entropy(capped, batch["targets"], reduction="sum"), (h, logits))
+        labels = torch.as_tensor(trace.loss_span[trace.loss_span >= 0], device=self.device).long()  # (N,) span of each
         cotangents = hidden.new_zeros((trace.n_spans, *hidden.shape))  # (S, 1, T, d): dL_s/dh, r_t on span s only
         cotangents[labels, 0, positions] = r.to(cotangents.dtype)
         grads = self._vjp(hidden, cotangents, capture.probes)  # (S, 1, T, k_out) per layer: P_out^T delta^s
-        vectors = torch.cat([torch.einsum("sbto,bti->soi", g.float(), x).flatten(1)  # (S, k_out * k_in)
-                             for g, x in zip(grads, capture.inputs)], dim=1).double()  # (S, D)
+        blocks = [torch.einsum("sbto,bti->soi", g.float(), x)  # (S, k_out, k_in) per layer
+                  for g, x in zip(grads, capture.inputs)]
+        if self.spec.embeddings:
+            blocks += self._head_blocks(blocks.pop(0), h, upstream, labels, trace.n_spans)
+        vectors = torch.cat([block.flatten(1) for block in blocks], dim=1).double()  # (S, D)
         gram = (vectors @ vectors.T).cpu().numpy()  # (S, S) float64
         return TraceNumbers(summaries.span_loss[0].cpu().numpy(), summaries.proxy_gram[0].cpu().numpy(),
                             None if summaries.head_gram is None else summaries.head_gram[0].cpu().numpy(),
                             projected_gram=gram)
+
+    def _head_blocks(self, embedding: torch.Tensor, h: torch.Tensor, upstream: torch.Tensor, labels: torch.Tensor,
+                     n_spans: int) -> list[torch.Tensor]:
+        """The LM head's projected span gradients, merged with the embedding's where the matrix is tied.
+
+        Head W (V, d): G_s = sum_{t in s} delta_t h_t^T, no backward needed. A tied matrix's gradient
+        is G_head + G_embedding^T, and its embedding factors are the head's swapped, so the
+        embedding's (S, k_d, k_V) block transposed adds to the head's (S, k_V, k_d) one.
+        """
+        p_in, p_out = self.head_projections
+        x = h.detach().float() if p_in is None else h.detach().float() @ p_in  # (N, k_d)
+        delta = upstream.float() if p_out is None else upstream.float() @ p_out  # (N, k_V)
+        spans = F.one_hot(labels, n_spans).T.float()  # (S, N)
+        head = torch.einsum("sn,no,ni->soi", spans, delta, x)  # (S, k_V, k_d)
+        return [head + embedding.transpose(1, 2)] if self.tied else [embedding, head]
 
     def launch(self, traces: list[EncodedTrace], head_variant: bool) -> _Computed:
         """Every trace of the batch on its own: one trace's K+1 backward passes would otherwise run over all B rows."""
