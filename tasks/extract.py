@@ -78,13 +78,12 @@ class Params:
     workers: int | str = 0  # 0 = in process; N = Dask LocalCluster of N workers; gpus = one per GPU (Prefect flow only)
     scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
     projected: bool = False  # also the projected exact-gradient Gram (tasks/projected.py): ~6x the time on CPU
-    projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = closer to exact, more memory; null = exact
+    projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = nearer exact, more memory; null = exact
     projection: str = "gaussian"  # gaussian | rademacher
-    projected_target: str = "linear"  # linear (every nn.Linear of the blocks) | lora (LESS-style adapters, dL/dB)
+    projected_target: str = "linear"  # linear (the blocks' nn.Linear) | full (every parameter) | lora (LESS, dL/dB)
     projected_blocks: int | None = None  # null = every decoder block; N = the top N (the backward stops there)
     projection_seed: int = 0  # projections (and LoRA adapters)
     projected_lora_r: int = 8  # projected_target lora: adapter rank
-    projected_embeddings: bool = False  # linear: the input embedding and LM head matrices too (one if tied)
 
     def check(self) -> None:
         for name in ("batch_tokens", "shard_size"):
@@ -105,7 +104,7 @@ def projected_spec(params: Params) -> ProjectedSpec | None:
     if not params.projected:
         return None
     return ProjectedSpec(params.projected_target, params.projected_blocks, params.projection_dim, params.projection,
-                         params.projection_seed, params.projected_lora_r, params.projected_embeddings)
+                         params.projection_seed, params.projected_lora_r)
 
 
 @dataclass(frozen=True)
@@ -394,7 +393,7 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
     missing = [i for i, key in enumerate(keys) if key not in outcomes]
     if not missing:
         return _Prepared(spec, False, rows, keys, outcomes, seconds=time.perf_counter() - started)
-    proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not counted as preparation
+    proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not preparation
     looked_up, started = time.perf_counter() - started, time.perf_counter()
     encodings = encode_traces(proxy_model.tokenizer, [
         (rows[i]["prompt_messages"], rows[i]["scored_response"],

@@ -12,9 +12,9 @@ E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. For rank-one layer gradients its vari
 v |A|_F^2 |B|_F^2 with v = (1 + 2/k_out)(1 + 2/k_in) - 1 (~4/k; each factor is a dense JL projection
 of one vector pair; tests/tasks/test_projected.py checks the bound on real, higher-rank gradients).
 Layers' errors are independent, so a Gram entry's variance is at most v sum_l |A_l|^2 |B_l|^2: it
-shrinks with the number of layers that carry the gradient. A factor whose size is at most k is kept whole (exact, no larger);
-projection_dim null keeps every factor whole: the Grams are then exactly those of the weight
-gradients (biases are left out: d_out numbers against d_out * d_in).
+shrinks with the number of layers that carry the gradient. A factor whose size is at most k is kept
+whole (exact, no larger); projection_dim null keeps every factor whole: the Grams are then exactly
+those of the weight gradients (biases are left out: d_out numbers against d_out * d_in).
 
 Why the Kronecker-factored form (LoGra, Choe et al. 2024) and not TRAK/LESS's dense projection of
 the flattened gradient: a dense (P, k) Rademacher matrix for the P ~ 1e8 block weights of the 135M
@@ -35,7 +35,13 @@ once per model, logged). The model's weights never need gradients: the backward 
 lowest probed layer (projected_blocks: N runs it through the top N blocks only).
 
 Targets: `linear`, every nn.Linear of the chosen decoder blocks (q, k, v, o, gate, up, down for
-Llama); `lora`, fresh LoRA adapters (peft, rank r, the exact-mode seed and init, tasks/exact.py) on
+Llama); `full`, every parameter (METHOD.md's g_k, exact mode's `full`): those linears, the input
+embedding (a layer whose input is onehot(token), so P_in^T x is a row of P_in), the LM head
+(G_s = sum_{t in s} delta_t h_t^T from the head's own upstream signal, no backward; a tied matrix
+is one matrix whose gradient sums both uses) and the norms' gains, kept whole (y = w * f(x), so
+dL/dw = sum_t delta_t * f(x_t): d numbers per norm); a model with other parameters (biases) is
+refused. On the default model the block linears carry ~55% of the full gradient's squared norm,
+the tied embedding matrix ~15%, the 61 norm gains ~30%; `lora`, fresh LoRA adapters (peft, rank r, the exact-mode seed and init, tasks/exact.py) on
 q/k/v/o as LESS (Xia et al., 2024) takes them: B = 0, so dL/dA = 0 and the signal is
 dL/dB = sum_t delta_t (A x_t)^T, the lora_B layer's own weight gradient.
 """
@@ -59,7 +65,7 @@ from tasks.spans import EncodedTrace
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gaussian", "rademacher")
-PROJECTED_TARGETS = ("linear", "lora")
+PROJECTED_TARGETS = ("linear", "full", "lora")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient features
 
 
@@ -67,13 +73,12 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient featu
 class ProjectedSpec:
     """Which layers the projected source differentiates and how it projects them (module docstring)."""
 
-    target: str = "linear"  # linear | lora
+    target: str = "linear"  # linear | full | lora
     blocks: int | None = None  # null = every decoder block; N = the top N
     dim: int | None = 32  # k_in = k_out per layer; null = no projection (exact Grams)
     projection: str = "gaussian"  # gaussian | rademacher
     seed: int = 0  # projections, and the LoRA adapters' A
     lora_r: int = 8  # lora: adapter rank
-    embeddings: bool = False  # linear: the input embedding and LM head matrices too (one matrix if tied)
 
     def check(self) -> None:
         if self.target not in PROJECTED_TARGETS:
@@ -85,8 +90,8 @@ class ProjectedSpec:
                 raise ValueError(f"projected {name}={getattr(self, name)}: null or a positive integer")
         if self.lora_r < 1:
             raise ValueError(f"projected lora_r={self.lora_r}: must be >= 1")
-        if self.embeddings and self.target == "lora":
-            raise ValueError("projected embeddings with target lora: LoRA training leaves the embeddings frozen")
+        if self.target == "full" and self.blocks is not None:
+            raise ValueError("projected target full is every parameter: blocks must be null (or use target linear)")
 
 
 def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, kind: str) -> torch.Tensor | None:
@@ -113,32 +118,66 @@ def factor_sizes(module: torch.nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def is_gain(module: torch.nn.Module) -> bool:
+    """A norm-like module whose one parameter is a (d,) gain: y = w * f(x) (checked at load)."""
+    own = dict(module.named_parameters(recurse=False))
+    return (not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and list(own) == ["weight"]
+            and own["weight"].dim() == 1)
+
+
+def check_gain(name: str, module: torch.nn.Module) -> None:
+    """Refuse a gain module whose output is not linear in its weight: G = sum_t delta_t * f(x_t) would be wrong."""
+    weight = module.weight
+    x = torch.randn(1, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        once, twice = (torch.func.functional_call(module, {"weight": w}, (x,)) for w in (weight, 2 * weight))
+    if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
+        raise ValueError(f"projected target full: {name} ({type(module).__name__}) is not y = weight * f(x) "
+                         "(e.g. Gemma's (1 + weight)); use target linear")
+
+
 def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every layer in the decoder the spec differentiates, bottom first (the embedding)."""
+    """(name, module) of every layer in the decoder the spec differentiates, bottom first (the embedding).
+
+    linear and lora: the nn.Linear (lora_B) layers of the chosen blocks. full: the input embedding,
+    every linear and gain (norm) of every block, and the final norm; the LM head is handled apart.
+    """
     names = {id(module): name for name, module in model.named_modules()}
     blocks = list(decoder_blocks(model))
     layers = []
-    if spec.embeddings:
+    if spec.target == "full":
         embedding = model.get_input_embeddings()
         if type(embedding) is not torch.nn.Embedding:  # e.g. Gemma scales its output: the hook would miss it
-            raise ValueError(f"projected embeddings: {type(embedding).__name__} is not a plain nn.Embedding")
+            raise ValueError(f"projected target full: {type(embedding).__name__} is not a plain nn.Embedding")
         layers.append((names[id(embedding)], embedding))
     for block in blocks[-spec.blocks:] if spec.blocks else blocks:
         for _, module in block.named_modules():
             name = names[id(module)]
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if (".lora_B." in name) if spec.target == "lora" else (".lora_" not in name):
+            if isinstance(module, torch.nn.Linear) and (
+                    (".lora_B." in name) if spec.target == "lora" else (".lora_" not in name)):
                 layers.append((name, module))
+            elif spec.target == "full" and is_gain(module):
+                layers.append((name, module))
+    if spec.target == "full":
+        final_norm = getattr(model.base_model, "norm", None)
+        if final_norm is not None and is_gain(final_norm):
+            layers.append((names[id(final_norm)], final_norm))
+        covered = {id(p) for _, m in layers for p in m.parameters(recurse=False)}
+        covered.add(id(model.get_output_embeddings().weight))
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        if missing:  # biases, positional tables, ...: full would not be every parameter
+            raise ValueError(f"projected target full covers linears, embeddings and gains; the model also has "
+                             f"{missing[:3]}; use target linear")
     if not layers:
         raise ValueError(f"projected target {spec.target}: no linear layer found in the model's decoder blocks")
     return layers
 
 
 class _Capture:
-    """One forward pass's projected layer inputs and output probes, in layer order."""
+    """One forward pass's projected layer inputs and output probes, in the order the layers ran."""
 
     def __init__(self) -> None:
+        self.layers: list[int] = []  # index into ProjectedModel.layers of each call, in execution order
         self.inputs: list[torch.Tensor] = []  # (1, T, k_in) fp32, P_in^T x per position
         self.probes: list[torch.Tensor] = []  # (1, T, k_out) zeros whose gradient is delta P_out
 
@@ -169,11 +208,15 @@ class ProjectedModel(ProxyModel):
             inject_adapter_in_model(config, self.model)  # B = 0: the model's outputs are unchanged
             self.model.to(device).requires_grad_(False)  # gradients flow to the probes only
         self.layers = chosen_layers(self.model, spec)
-        self.projections = [self._projections(name, module) for name, module in self.layers]  # (P_in, P_out)
-        sizes = [(d_in if p_in is None else p_in.shape[1], d_out if p_out is None else p_out.shape[1])
-                 for (d_in, d_out), (p_in, p_out) in zip((factor_sizes(m) for _, m in self.layers), self.projections)]
-        self.tied = spec.embeddings and self.head.weight is self.model.get_input_embeddings().weight
-        if spec.embeddings:
+        for name, module in self.layers:
+            if is_gain(module):
+                check_gain(name, module)
+        # (P_in, P_out) per layer; a gain's gradient (d numbers) is kept whole
+        self.projections = [(None, None) if is_gain(m) else self._projections(name, m) for name, m in self.layers]
+        sizes = [self._kept(m, pair) for (_, m), pair in zip(self.layers, self.projections)]  # (k_in, k_out)
+        self.full = spec.target == "full"
+        self.tied = self.full and self.head.weight is self.model.get_input_embeddings().weight
+        if self.full:
             self.head_projections = self._projections("lm_head", self.head)
             if self.tied:  # one matrix: the embedding's (V-side, d-side) factors are the head's, swapped
                 self.projections[0] = self.head_projections[::-1]
@@ -182,8 +225,17 @@ class ProjectedModel(ProxyModel):
         self.dimension = sum(k_in * k_out for k_in, k_out in sizes)
         self.batched: bool | None = None  # batched VJP works for this model: None until first tried
         self._capture: _Capture | None = None
+        self.gains = [is_gain(m) for _, m in self.layers]
         for index, (_, module) in enumerate(self.layers):
             module.register_forward_hook(self._hook(index))
+
+    @staticmethod
+    def _kept(module: torch.nn.Module, projections) -> tuple[int, int]:
+        """(k_in, k_out): the sizes a layer's projected gradient keeps (a gain: (1, d))."""
+        if is_gain(module):
+            return 1, module.weight.shape[0]
+        (d_in, d_out), (p_in, p_out) = factor_sizes(module), projections
+        return d_in if p_in is None else p_in.shape[1], d_out if p_out is None else p_out.shape[1]
 
     def _projections(self, name: str, module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         d_in, d_out = factor_sizes(module)
@@ -198,12 +250,20 @@ class ProjectedModel(ProxyModel):
             capture = self._capture
             if capture is None:
                 return None  # a plain forward (the logits probe at load): no probe
-            if isinstance(module, torch.nn.Embedding):  # x = onehot(token): P_in^T x is P_in's row
+            if self.gains[index]:  # y = w * f(x): dL/dw = sum_t delta_t * f(x_t), f(x) = the output at w = 1
+                self._capture = None  # the module runs again, its hook (this one) must not probe it
+                try:
+                    x = torch.func.functional_call(module, {"weight": torch.ones_like(module.weight)}, inputs)
+                finally:
+                    self._capture = capture
+                x = x.detach().float()  # (1, T, d)
+            elif isinstance(module, torch.nn.Embedding):  # x = onehot(token): P_in^T x is P_in's row
                 ids = inputs[0]  # (1, T)
                 x = F.one_hot(ids, module.num_embeddings).float() if p_in is None else p_in[ids]  # (1, T, k_in)
             else:
                 x = inputs[0].detach().float()  # (1, T, d_in)
                 x = x if p_in is None else x @ p_in  # (1, T, k_in)
+            capture.layers.append(index)
             capture.inputs.append(x)
             width = output.shape[-1] if p_out is None else p_out.shape[1]
             probe = output.new_zeros((*output.shape[:-1], width)).requires_grad_(True)  # (1, T, k_out)
@@ -253,9 +313,13 @@ class ProjectedModel(ProxyModel):
         cotangents = hidden.new_zeros((trace.n_spans, *hidden.shape))  # (S, 1, T, d): dL_s/dh, r_t on span s only
         cotangents[labels, 0, positions] = r.to(cotangents.dtype)
         grads = self._vjp(hidden, cotangents, capture.probes)  # (S, 1, T, k_out) per layer: P_out^T delta^s
-        blocks = [torch.einsum("sbto,bti->soi", g.float(), x)  # (S, k_out, k_in) per layer
-                  for g, x in zip(grads, capture.inputs)]
-        if self.spec.embeddings:
+        blocks: dict[int, torch.Tensor] = {}  # layer -> its projected span gradients, summed over its calls
+        for index, g, x in zip(capture.layers, grads, capture.inputs):
+            block = (torch.einsum("sbtd,btd->sd", g.float(), x) if self.gains[index]  # (S, d) per gain
+                     else torch.einsum("sbto,bti->soi", g.float(), x))  # (S, k_out, k_in) per matrix
+            blocks[index] = blocks[index] + block if index in blocks else block
+        blocks = [blocks[index] for index in sorted(blocks)]
+        if self.full:  # layer 0 is the input embedding
             blocks += self._head_blocks(blocks.pop(0), h, upstream, labels, trace.n_spans)
         vectors = torch.cat([block.flatten(1) for block in blocks], dim=1).double()  # (S, D)
         gram = (vectors @ vectors.T).cpu().numpy()  # (S, S) float64

@@ -64,7 +64,7 @@ EXTRACT_SCHEMA = pa.schema(
         pa.field("head_gram", pa.list_(pa.float64()), nullable=True),  # ((K+1)^2,) exact LM-head grads, if enabled
         pa.field("prompt_tokens", pa.int32(), nullable=False),  # prompt tokens kept after truncation
         pa.field("prompt_tokens_truncated", pa.int32(), nullable=False),  # prompt tokens cut from the left
-        pa.field("projected_gram", pa.list_(pa.float64()), nullable=True),  # ((K+1)^2,) projected exact grads, if enabled
+        pa.field("projected_gram", pa.list_(pa.float64()), nullable=True),  # ((K+1)^2,) projected exact grads, if on
     ]
 )
 

@@ -29,14 +29,11 @@ def wide_model_dir(tmp_path_factory, bpe_tokenizer):
     return build_tiny_model_dir(tmp_path_factory.mktemp("wide"), bpe_tokenizer, seed=3, hidden=128)
 
 
-def autograd_layer_grads(model_dir, names: list[str], trace, embeddings: bool = False) -> list[list[torch.Tensor]]:
+def autograd_layer_grads(model_dir, names: list[str], trace) -> list[list[torch.Tensor]]:
     """Reference: per span, the model's own logits, a standard CE, torch.autograd.grad of the named weights."""
     model = fresh_model(model_dir)
     modules = dict(model.named_modules())
-    weights = [modules[name].weight for name in names]
-    if embeddings:  # + the head's; a tied matrix once
-        weights += [w for w in [model.get_output_embeddings().weight] if all(w is not v for v in weights)]
-    weights = [w.requires_grad_(True) for w in weights]
+    weights = [modules[name].weight.requires_grad_(True) for name in names]
     ids = torch.as_tensor(trace.input_ids)[None]  # (1, T)
     logits = model(input_ids=ids).logits[0, :-1]  # (T-1, V)
     grads = []
@@ -65,18 +62,18 @@ def test_full_dimension_equals_autograd_weight_gradients(tiny_model_dir, bpe_tok
 
 @pytest.mark.parametrize("model_fixture, tokenizer_fixture", [("tiny_model_dir", "bpe_tokenizer"),
                                                               ("tiny_sp_model_dir", "sentencepiece_tokenizer")])
-def test_full_dimension_with_embeddings_equals_autograd(request, gsm_rows, model_fixture, tokenizer_fixture):
-    """Untied (embedding and head separate) and tied (one matrix, both uses) alike."""
+def test_full_dimension_target_full_equals_exact_mode_full(request, gsm_rows, model_fixture, tokenizer_fixture):
+    """Every parameter, untied (embedding and head apart) and tied (one matrix, both uses): exact mode's full Gram."""
     model_dir, tokenizer = request.getfixturevalue(model_fixture), request.getfixturevalue(tokenizer_fixture)
-    model = ProjectedModel(model_dir, "cpu", ProjectedSpec(dim=None, embeddings=True))
-    assert model.tied == (model_fixture == "tiny_sp_model_dir")
-    names = [name for name, _ in model.layers]
+    model = ProjectedModel(model_dir, "cpu", ProjectedSpec(target="full", dim=None))
+    exact = ExactModel(model_dir, ExactSpec("full"))
+    assert model.tied == (model_fixture == "tiny_sp_model_dir") and model.dimension == exact.n_parameters
     traces = encode_rows(tokenizer, gsm_rows)
+    linear = ProjectedModel(model_dir, "cpu", ProjectedSpec(dim=None))
     for trace, numbers in zip(traces, model.launch(traces, head_variant=False).collect()):
-        reference = gram_of(autograd_layer_grads(model_dir, names, trace, embeddings=True))
+        reference = exact.grams(trace).gram
         assert_gram_close(numbers.projected_gram, reference)
-        linears_only = ProjectedModel(model_dir, "cpu", ProjectedSpec(dim=None)).trace_numbers(trace, False)
-        assert not np.allclose(linears_only.projected_gram, reference, rtol=1e-3)  # the embeddings do count
+        assert not np.allclose(linear.trace_numbers(trace, False).projected_gram, reference, rtol=1e-3)
 
 
 def test_full_dimension_lora_equals_exact_mode(tiny_sp_model_dir, sentencepiece_tokenizer, gsm_rows):
@@ -147,7 +144,7 @@ def test_cache_keys_change_only_when_projected_is_on(tmp_path, segments, tiny_mo
 
 def test_bad_projected_settings_are_refused():
     for bad in ({"projection_dim": 0}, {"projected_target": "conv"}, {"projection": "sparse"},
-                {"projected_target": "lora", "projected_embeddings": True}):
+                {"projected_target": "full", "projected_blocks": 2}):
         with pytest.raises(ParamsError, match="extract.projected settings"):
             params_from_dict(Params, "extract", bad)
 
