@@ -80,7 +80,7 @@ class Params:
     projected: bool = False  # also the projected exact-gradient Gram (tasks/projected.py): ~6x the time on CPU
     projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = nearer exact, more memory; null = exact
     projection: str = "gaussian"  # gaussian | rademacher
-    projected_target: str = "linear"  # linear (the blocks' nn.Linear) | full (every parameter) | lora (LESS, dL/dB)
+    projected_target: str = "full"  # full (every parameter) | linear (the blocks' nn.Linear) | lora (LESS, dL/dB)
     projected_blocks: int | None = None  # null = every decoder block; N = the top N (the backward stops there)
     projection_seed: int = 0  # projections (and LoRA adapters)
     projected_lora_r: int = 8  # projected_target lora: adapter rank

@@ -73,7 +73,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient featu
 class ProjectedSpec:
     """Which layers the projected source differentiates and how it projects them (module docstring)."""
 
-    target: str = "linear"  # linear | full | lora
+    target: str = "full"  # full | linear | lora
     blocks: int | None = None  # null = every decoder block; N = the top N
     dim: int | None = 32  # k_in = k_out per layer; null = no projection (exact Grams)
     projection: str = "gaussian"  # gaussian | rademacher
