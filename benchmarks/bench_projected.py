@@ -69,8 +69,11 @@ def main() -> None:
     parser.add_argument("--exact-n", type=int, default=None, help="traces for exact full (default: all --n)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["loop", "less", "exact"])
+    parser.add_argument("--target", default=None, help="extract.projected_target (default: --params')")
     args = parser.parse_args()
     params = dataclasses.replace(load_params(Params, "extract", args.params), projected=True)
+    if args.target:
+        params = dataclasses.replace(params, projected_target=args.target)
     device = resolve_device(args.device)
     spec = projected_spec(params)
     proxy = ProxyModel(args.model, device)

@@ -12,7 +12,8 @@ matches, so a run killed at any moment finishes only what is missing, with the s
 DVC deletes outs before it reruns a stage, so resume across `dvc repro` runs and reuse across
 corpora rely on the per-trace cache (cache_dir, outside the DVC outs): a trace's key is the sha256 of
 the model identity, the parameters that change its numbers (max_length, chat_template, head_variant,
-device precision) and the trace content (content_hash, scored_response, spans). Each computed shard
+device precision; with extract.projected on, the projected source's settings too, so every key of a
+default run stays as it was) and the trace content (content_hash, scored_response, spans). Each computed shard
 adds one pack file of results (quarantine outcomes included) named by its fingerprint: a few
 thousand files for a million traces instead of a million tiny ones, written without contention by
 parallel workers, found through an in-memory index of the packs' key columns that holds 12 bytes
@@ -78,10 +79,10 @@ class Params:
     cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
     workers: int | str = 0  # 0 = in process; N = Dask LocalCluster of N workers; gpus = one per GPU (Prefect flow only)
     scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
-    projected: bool = False  # also the projected exact-gradient Gram (tasks/projected.py): ~K+2 backward costs per trace
-    projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = closer to exact, more memory; null = exact
+    projected: bool = False  # also the projected exact-gradient Gram (tasks/projected.py): ~6x the time on CPU
+    projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = nearer exact, more memory; null = exact
     projection: str = "gaussian"  # gaussian | rademacher
-    projected_target: str = "linear"  # linear (every nn.Linear of the blocks) | lora (LESS-style adapters, dL/dB)
+    projected_target: str = "full"  # full (every parameter) | linear (the blocks' nn.Linear) | lora (LESS, dL/dB)
     projected_blocks: int | None = None  # null = every decoder block; N = the top N (the backward stops there)
     projection_seed: int = 0  # projections (and LoRA adapters)
     projected_lora_r: int = 8  # projected_target lora: adapter rank
@@ -399,7 +400,7 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
     missing = [i for i, key in enumerate(keys) if key not in outcomes]
     if not missing:
         return _Prepared(spec, False, rows, keys, outcomes, seconds=time.perf_counter() - started)
-    proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not counted as preparation
+    proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not preparation
     looked_up, started = time.perf_counter() - started, time.perf_counter()
     encodings = encode_traces(proxy_model.tokenizer, [
         (rows[i]["prompt_messages"], rows[i]["scored_response"],

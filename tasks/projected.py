@@ -8,12 +8,13 @@ with i.i.d. N(0, 1/k) (or +-1/sqrt(k) Rademacher) entries, and extract keeps
     G^_s = P_out^T G_s P_in = sum_t (P_out^T delta_t^s)(P_in^T x_t)^T     (k_out, k_in)
 concatenated over layers, and the float64 Gram <G^_i, G^_j> of the K+1 spans (proxy_gram's shape).
 E[P P^T] = I for each factor and the two are independent, so every Gram entry is unbiased:
-E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. Its variance, in units of |A|_F |B|_F, is at most
-v = (1 + 2/k_out)(1 + 2/k_in) - 1 for a rank-one layer gradient (~4/k; tests/tasks/test_projected.py
-checks it), and layers' errors are independent, so a Gram entry's error shrinks with the number of
-layers that carry the gradient. A factor whose size is at most k is kept whole (exact, no larger);
-projection_dim null keeps every factor whole: the Grams are then exactly those of the weight
-gradients (biases are left out: d_out numbers against d_out * d_in).
+E <P_o^T A P_i, P_o^T B P_i>_F = <A, B>_F. For rank-one layer gradients its variance is at most
+v |A|_F^2 |B|_F^2 with v = (1 + 2/k_out)(1 + 2/k_in) - 1 (~4/k; each factor is a dense JL projection
+of one vector pair; tests/tasks/test_projected.py checks the bound on real, higher-rank gradients).
+Layers' errors are independent, so a Gram entry's variance is at most v sum_l |A_l|^2 |B_l|^2: it
+shrinks with the number of layers that carry the gradient. A factor whose size is at most k is kept
+whole (exact, no larger); projection_dim null keeps every factor whole: the Grams are then exactly
+those of the weight gradients (biases are left out: d_out numbers against d_out * d_in).
 
 Why the Kronecker-factored form (LoGra, Choe et al. 2024) and not TRAK/LESS's dense projection of
 the flattened gradient: a dense (P, k) Rademacher matrix for the P ~ 1e8 block weights of the 135M
@@ -34,7 +35,13 @@ once per model, logged). The model's weights never need gradients: the backward 
 lowest probed layer (projected_blocks: N runs it through the top N blocks only).
 
 Targets: `linear`, every nn.Linear of the chosen decoder blocks (q, k, v, o, gate, up, down for
-Llama); `lora`, fresh LoRA adapters (peft, rank r, the exact-mode seed and init, tasks/exact.py) on
+Llama); `full`, every parameter (METHOD.md's g_k, exact mode's `full`): those linears, the input
+embedding (a layer whose input is onehot(token), so P_in^T x is a row of P_in), the LM head
+(G_s = sum_{t in s} delta_t h_t^T from the head's own upstream signal, no backward; a tied matrix
+is one matrix whose gradient sums both uses) and the norms' gains, kept whole (y = w * f(x), so
+dL/dw = sum_t delta_t * f(x_t): d numbers per norm); a model with other parameters (biases) is
+refused. On the default model the block linears carry ~55% of the full gradient's squared norm,
+the tied embedding matrix ~15%, the 61 norm gains ~30%; `lora`, fresh LoRA adapters (peft, rank r, the exact-mode seed and init, tasks/exact.py) on
 q/k/v/o as LESS (Xia et al., 2024) takes them: B = 0, so dL/dA = 0 and the signal is
 dL/dB = sum_t delta_t (A x_t)^T, the lora_B layer's own weight gradient.
 """
@@ -58,7 +65,7 @@ from tasks.spans import EncodedTrace
 log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gaussian", "rademacher")
-PROJECTED_TARGETS = ("linear", "lora")
+PROJECTED_TARGETS = ("linear", "full", "lora")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient features
 
 
@@ -66,7 +73,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # LESS's gradient featu
 class ProjectedSpec:
     """Which layers the projected source differentiates and how it projects them (module docstring)."""
 
-    target: str = "linear"  # linear | lora
+    target: str = "full"  # full | linear | lora
     blocks: int | None = None  # null = every decoder block; N = the top N
     dim: int | None = 32  # k_in = k_out per layer; null = no projection (exact Grams)
     projection: str = "gaussian"  # gaussian | rademacher
@@ -83,6 +90,8 @@ class ProjectedSpec:
                 raise ValueError(f"projected {name}={getattr(self, name)}: null or a positive integer")
         if self.lora_r < 1:
             raise ValueError(f"projected lora_r={self.lora_r}: must be >= 1")
+        if self.target == "full" and self.blocks is not None:
+            raise ValueError("projected target full is every parameter: blocks must be null (or use target linear)")
 
 
 def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, kind: str) -> torch.Tensor | None:
@@ -102,27 +111,73 @@ def projection_matrix(seed: int, layer: str, side: str, d: int, k: int | None, k
     return matrix / math.sqrt(k)  # E[P P^T] = I: inner products unbiased
 
 
-def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, module) of every linear layer the spec differentiates, bottom block first."""
+def factor_sizes(module: torch.nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a layer y = W x; an embedding is one with x = onehot(token) (V) and y its row (d)."""
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return module.in_features, module.out_features
+
+
+def is_gain(module: torch.nn.Module) -> bool:
+    """A norm-like module whose one parameter is a (d,) gain: y = w * f(x) (checked at load)."""
+    own = dict(module.named_parameters(recurse=False))
+    return (not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and list(own) == ["weight"]
+            and own["weight"].dim() == 1)
+
+
+def check_gain(name: str, module: torch.nn.Module) -> None:
+    """Refuse a gain module whose output is not linear in its weight: G = sum_t delta_t * f(x_t) would be wrong."""
+    weight = module.weight
+    x = torch.randn(1, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device)
+    with torch.no_grad():
+        once, twice = (torch.func.functional_call(module, {"weight": w}, (x,)) for w in (weight, 2 * weight))
+    if not torch.allclose(twice, 2 * once, rtol=1e-5, atol=1e-6):
+        raise ValueError(f"projected target full: {name} ({type(module).__name__}) is not y = weight * f(x) "
+                         "(e.g. Gemma's (1 + weight)); use target linear")
+
+
+def chosen_layers(model, spec: ProjectedSpec) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every layer in the decoder the spec differentiates, bottom first (the embedding).
+
+    linear and lora: the nn.Linear (lora_B) layers of the chosen blocks. full: the input embedding,
+    every linear and gain (norm) of every block, and the final norm; the LM head is handled apart.
+    """
     names = {id(module): name for name, module in model.named_modules()}
     blocks = list(decoder_blocks(model))
     layers = []
+    if spec.target == "full":
+        embedding = model.get_input_embeddings()
+        if type(embedding) is not torch.nn.Embedding:  # e.g. Gemma scales its output: the hook would miss it
+            raise ValueError(f"projected target full: {type(embedding).__name__} is not a plain nn.Embedding")
+        layers.append((names[id(embedding)], embedding))
     for block in blocks[-spec.blocks:] if spec.blocks else blocks:
         for _, module in block.named_modules():
             name = names[id(module)]
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            if (".lora_B." in name) if spec.target == "lora" else (".lora_" not in name):
+            if isinstance(module, torch.nn.Linear) and (
+                    (".lora_B." in name) if spec.target == "lora" else (".lora_" not in name)):
                 layers.append((name, module))
+            elif spec.target == "full" and is_gain(module):
+                layers.append((name, module))
+    if spec.target == "full":
+        final_norm = getattr(model.base_model, "norm", None)
+        if final_norm is not None and is_gain(final_norm):
+            layers.append((names[id(final_norm)], final_norm))
+        covered = {id(p) for _, m in layers for p in m.parameters(recurse=False)}
+        covered.add(id(model.get_output_embeddings().weight))
+        missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+        if missing:  # biases, positional tables, ...: full would not be every parameter
+            raise ValueError(f"projected target full covers linears, embeddings and gains; the model also has "
+                             f"{missing[:3]}; use target linear")
     if not layers:
         raise ValueError(f"projected target {spec.target}: no linear layer found in the model's decoder blocks")
     return layers
 
 
 class _Capture:
-    """One forward pass's projected layer inputs and output probes, in layer order."""
+    """One forward pass's projected layer inputs and output probes, in the order the layers ran."""
 
     def __init__(self) -> None:
+        self.layers: list[int] = []  # index into ProjectedModel.layers of each call, in execution order
         self.inputs: list[torch.Tensor] = []  # (1, T, k_in) fp32, P_in^T x per position
         self.probes: list[torch.Tensor] = []  # (1, T, k_out) zeros whose gradient is delta P_out
 
@@ -153,17 +208,40 @@ class ProjectedModel(ProxyModel):
             inject_adapter_in_model(config, self.model)  # B = 0: the model's outputs are unchanged
             self.model.to(device).requires_grad_(False)  # gradients flow to the probes only
         self.layers = chosen_layers(self.model, spec)
-        self.projections = [(projection_matrix(spec.seed, name, "in", m.in_features, spec.dim, spec.projection),
-                             projection_matrix(spec.seed, name, "out", m.out_features, spec.dim, spec.projection))
-                            for name, m in self.layers]
-        self.projections = [tuple(None if p is None else p.to(device) for p in pair) for pair in self.projections]
-        self.dimension = sum((m.out_features if p_out is None else p_out.shape[1])
-                             * (m.in_features if p_in is None else p_in.shape[1])
-                             for (_, m), (p_in, p_out) in zip(self.layers, self.projections))
+        for name, module in self.layers:
+            if is_gain(module):
+                check_gain(name, module)
+        # (P_in, P_out) per layer; a gain's gradient (d numbers) is kept whole
+        self.projections = [(None, None) if is_gain(m) else self._projections(name, m) for name, m in self.layers]
+        sizes = [self._kept(m, pair) for (_, m), pair in zip(self.layers, self.projections)]  # (k_in, k_out)
+        self.full = spec.target == "full"
+        self.tied = self.full and self.head.weight is self.model.get_input_embeddings().weight
+        if self.full:
+            self.head_projections = self._projections("lm_head", self.head)
+            if self.tied:  # one matrix: the embedding's (V-side, d-side) factors are the head's, swapped
+                self.projections[0] = self.head_projections[::-1]
+            else:
+                sizes.append(sizes[0][::-1])  # the head's factors mirror the embedding's (d in, V out)
+        self.dimension = sum(k_in * k_out for k_in, k_out in sizes)
         self.batched: bool | None = None  # batched VJP works for this model: None until first tried
         self._capture: _Capture | None = None
+        self.gains = [is_gain(m) for _, m in self.layers]
         for index, (_, module) in enumerate(self.layers):
             module.register_forward_hook(self._hook(index))
+
+    @staticmethod
+    def _kept(module: torch.nn.Module, projections) -> tuple[int, int]:
+        """(k_in, k_out): the sizes a layer's projected gradient keeps (a gain: (1, d))."""
+        if is_gain(module):
+            return 1, module.weight.shape[0]
+        (d_in, d_out), (p_in, p_out) = factor_sizes(module), projections
+        return d_in if p_in is None else p_in.shape[1], d_out if p_out is None else p_out.shape[1]
+
+    def _projections(self, name: str, module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        d_in, d_out = factor_sizes(module)
+        return tuple(None if p is None else p.to(self.device) for p in (
+            projection_matrix(self.spec.seed, name, "in", d_in, self.spec.dim, self.spec.projection),
+            projection_matrix(self.spec.seed, name, "out", d_out, self.spec.dim, self.spec.projection)))
 
     def _hook(self, index: int):
         p_in, p_out = self.projections[index]
@@ -172,8 +250,21 @@ class ProjectedModel(ProxyModel):
             capture = self._capture
             if capture is None:
                 return None  # a plain forward (the logits probe at load): no probe
-            x = inputs[0].detach().float()  # (1, T, d_in)
-            capture.inputs.append(x if p_in is None else x @ p_in)  # (1, T, k_in)
+            if self.gains[index]:  # y = w * f(x): dL/dw = sum_t delta_t * f(x_t), f(x) = the output at w = 1
+                self._capture = None  # the module runs again, its hook (this one) must not probe it
+                try:
+                    x = torch.func.functional_call(module, {"weight": torch.ones_like(module.weight)}, inputs)
+                finally:
+                    self._capture = capture
+                x = x.detach().float()  # (1, T, d)
+            elif isinstance(module, torch.nn.Embedding):  # x = onehot(token): P_in^T x is P_in's row
+                ids = inputs[0]  # (1, T)
+                x = F.one_hot(ids, module.num_embeddings).float() if p_in is None else p_in[ids]  # (1, T, k_in)
+            else:
+                x = inputs[0].detach().float()  # (1, T, d_in)
+                x = x if p_in is None else x @ p_in  # (1, T, k_in)
+            capture.layers.append(index)
+            capture.inputs.append(x)
             width = output.shape[-1] if p_out is None else p_out.shape[1]
             probe = output.new_zeros((*output.shape[:-1], width)).requires_grad_(True)  # (1, T, k_out)
             capture.probes.append(probe)
@@ -216,19 +307,42 @@ class ProjectedModel(ProxyModel):
                                        softcap=self.softcap, head_dtype=self.head_dtype if head_variant else None)
         capped = logits.float() if self.softcap is None else self.softcap * torch.tanh(logits.float() / self.softcap)
         # a token's loss depends on its own h_t only, so one backward of their sum gives every r_t = dl_t/dh_t
-        (r,) = torch.autograd.grad(F.cross_entropy(capped, batch["targets"], reduction="sum"), h)  # (N, d)
-        labels = torch.as_tensor(trace.loss_span[trace.loss_span >= 0], device=self.device)  # (N,) span of each
+        # and every upstream signal delta_t = dl_t/dlogits_t (the LM head's own gradient, span by span)
+        r, upstream = torch.autograd.grad(F.cross_entropy(capped, batch["targets"], reduction="sum"), (h, logits))
+        labels = torch.as_tensor(trace.loss_span[trace.loss_span >= 0], device=self.device).long()  # (N,) span of each
         cotangents = hidden.new_zeros((trace.n_spans, *hidden.shape))  # (S, 1, T, d): dL_s/dh, r_t on span s only
         cotangents[labels, 0, positions] = r.to(cotangents.dtype)
         grads = self._vjp(hidden, cotangents, capture.probes)  # (S, 1, T, k_out) per layer: P_out^T delta^s
-        vectors = torch.cat([torch.einsum("sbto,bti->soi", g.float(), x).flatten(1)  # (S, k_out * k_in)
-                             for g, x in zip(grads, capture.inputs)], dim=1).double()  # (S, D)
+        blocks: dict[int, torch.Tensor] = {}  # layer -> its projected span gradients, summed over its calls
+        for index, g, x in zip(capture.layers, grads, capture.inputs):
+            block = (torch.einsum("sbtd,btd->sd", g.float(), x) if self.gains[index]  # (S, d) per gain
+                     else torch.einsum("sbto,bti->soi", g.float(), x))  # (S, k_out, k_in) per matrix
+            blocks[index] = blocks[index] + block if index in blocks else block
+        blocks = [blocks[index] for index in sorted(blocks)]
+        if self.full:  # layer 0 is the input embedding
+            blocks += self._head_blocks(blocks.pop(0), h, upstream, labels, trace.n_spans)
+        vectors = torch.cat([block.flatten(1) for block in blocks], dim=1).double()  # (S, D)
         gram = (vectors @ vectors.T).cpu().numpy()  # (S, S) float64
         with torch.no_grad():  # the question's mean state, as ProxyModel.launch computes it
             prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())[0]  # (d,)
         return TraceNumbers(summaries.span_loss[0].cpu().numpy(), summaries.proxy_gram[0].cpu().numpy(),
                             None if summaries.head_gram is None else summaries.head_gram[0].cpu().numpy(),
                             prompt_embedding.cpu().numpy(), projected_gram=gram)
+
+    def _head_blocks(self, embedding: torch.Tensor, h: torch.Tensor, upstream: torch.Tensor, labels: torch.Tensor,
+                     n_spans: int) -> list[torch.Tensor]:
+        """The LM head's projected span gradients, merged with the embedding's where the matrix is tied.
+
+        Head W (V, d): G_s = sum_{t in s} delta_t h_t^T, no backward needed. A tied matrix's gradient
+        is G_head + G_embedding^T, and its embedding factors are the head's swapped, so the
+        embedding's (S, k_d, k_V) block transposed adds to the head's (S, k_V, k_d) one.
+        """
+        p_in, p_out = self.head_projections
+        x = h.detach().float() if p_in is None else h.detach().float() @ p_in  # (N, k_d)
+        delta = upstream.float() if p_out is None else upstream.float() @ p_out  # (N, k_V)
+        spans = F.one_hot(labels, n_spans).T.float()  # (S, N)
+        head = torch.einsum("sn,no,ni->soi", spans, delta, x)  # (S, k_V, k_d)
+        return [head + embedding.transpose(1, 2)] if self.tied else [embedding, head]
 
     def launch(self, traces: list[EncodedTrace], head_variant: bool) -> _Computed:
         """Every trace of the batch on its own: one trace's K+1 backward passes would otherwise run over all B rows."""

@@ -51,13 +51,29 @@ def gram_of(grads) -> np.ndarray:
 
 @pytest.mark.parametrize("blocks", [None, 1])
 def test_full_dimension_equals_autograd_weight_gradients(tiny_model_dir, bpe_tokenizer, gsm_rows, blocks):
-    model = ProjectedModel(tiny_model_dir, "cpu", ProjectedSpec(blocks=blocks, dim=None))
+    model = ProjectedModel(tiny_model_dir, "cpu", ProjectedSpec(target="linear", blocks=blocks, dim=None))
     assert len(model.layers) == 7 * (blocks or 2)  # q, k, v, o, gate, up, down per block
     names = [name for name, _ in model.layers]
     traces = encode_rows(bpe_tokenizer, gsm_rows)
     for trace, numbers in zip(traces, model.launch(traces, head_variant=True).collect()):
         assert_gram_close(numbers.projected_gram, gram_of(autograd_layer_grads(tiny_model_dir, names, trace)))
         assert numbers.head_gram is not None and numbers.proxy_gram.shape == numbers.projected_gram.shape
+
+
+@pytest.mark.parametrize("model_fixture, tokenizer_fixture", [("tiny_model_dir", "bpe_tokenizer"),
+                                                              ("tiny_sp_model_dir", "sentencepiece_tokenizer")])
+def test_full_dimension_target_full_equals_exact_mode_full(request, gsm_rows, model_fixture, tokenizer_fixture):
+    """Every parameter, untied (embedding and head apart) and tied (one matrix, both uses): exact mode's full Gram."""
+    model_dir, tokenizer = request.getfixturevalue(model_fixture), request.getfixturevalue(tokenizer_fixture)
+    model = ProjectedModel(model_dir, "cpu", ProjectedSpec(target="full", dim=None))
+    exact = ExactModel(model_dir, ExactSpec("full"))
+    assert model.tied == (model_fixture == "tiny_sp_model_dir") and model.dimension == exact.n_parameters
+    traces = encode_rows(tokenizer, gsm_rows)
+    linear = ProjectedModel(model_dir, "cpu", ProjectedSpec(target="linear", dim=None))
+    for trace, numbers in zip(traces, model.launch(traces, head_variant=False).collect()):
+        reference = exact.grams(trace).gram
+        assert_gram_close(numbers.projected_gram, reference)
+        assert not np.allclose(linear.trace_numbers(trace, False).projected_gram, reference, rtol=1e-3)
 
 
 def test_full_dimension_lora_equals_exact_mode(tiny_sp_model_dir, sentencepiece_tokenizer, gsm_rows):
@@ -79,11 +95,12 @@ def test_default_projection_is_within_its_error_bound(wide_model_dir, bpe_tokeni
     Over 8 fixed seeds (so the test is deterministic) and every entry of every trace: the mean of the
     squared error in units of that bound must stay below 1, and the seed-averaged error (bias) below
     the bound of a mean of 8. A wrong scale (1/k instead of 1/sqrt(k)) or correlated factors fail it.
+    Target linear: the bound is about projected matrices (full adds gains, kept whole).
     """
     k = Params().projection_dim
     v = (1 + 2 / k) ** 2 - 1
     traces = encode_rows(bpe_tokenizer, gsm_rows)
-    models = [ProjectedModel(wide_model_dir, "cpu", ProjectedSpec(dim=k, projection=projection, seed=s))
+    models = [ProjectedModel(wide_model_dir, "cpu", ProjectedSpec("linear", dim=k, projection=projection, seed=s))
               for s in SEEDS]
     names = [name for name, _ in models[0].layers]
     assert all(p_in is not None and p_out is not None for p_in, p_out in models[0].projections)
@@ -127,7 +144,8 @@ def test_cache_keys_change_only_when_projected_is_on(tmp_path, segments, tiny_mo
 
 
 def test_bad_projected_settings_are_refused():
-    for bad in ({"projection_dim": 0}, {"projected_target": "conv"}, {"projection": "sparse"}):
+    for bad in ({"projection_dim": 0}, {"projected_target": "conv"}, {"projection": "sparse"},
+                {"projected_target": "full", "projected_blocks": 2}):
         with pytest.raises(ParamsError, match="extract.projected settings"):
             params_from_dict(Params, "extract", bad)
 
