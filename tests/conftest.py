@@ -164,3 +164,26 @@ GSM_ROWS = [
 def gsm_rows() -> list[dict]:
     """Three clean GSM8K-format records, one with unicode and LaTeX."""
     return [dict(row) for row in GSM_ROWS]
+
+
+@pytest.fixture
+def tasks_log():
+    """Records of the `tasks` loggers, each once, caught on the `tasks` logger itself.
+
+    caplog listens at the root, where an earlier test in the same process (a Prefect flow run
+    reconfigures logging) can make a record arrive twice; a handler on `tasks` sees each once.
+    """
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("tasks")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
