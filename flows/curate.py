@@ -71,9 +71,24 @@ def forward_stage_logs() -> None:
     Called in the flow and in the tasks that may run on Dask workers (their own processes)."""
     stage_logger = logging.getLogger("tasks")
     stage_logger.setLevel(logging.INFO)  # Prefect's root logger passes WARNING and up only
-    for handler in logging.getLogger("prefect.extra").handlers:  # Prefect's API handler
-        if handler not in stage_logger.handlers:
-            stage_logger.addHandler(handler)
+    if not any(isinstance(handler, _InRunsOnly) for handler in stage_logger.handlers):
+        for handler in logging.getLogger("prefect.extra").handlers:  # Prefect's API handler
+            stage_logger.addHandler(_InRunsOnly(handler))
+
+
+class _InRunsOnly(logging.Handler):
+    """Passes records to Prefect's API handler inside a flow or task run only: a stage function called
+    later in the same process, outside any run, would otherwise get a Prefect warning per line."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            self.target.handle(record)
 
 # Every path a stage reads or writes, relative to the input file and the outputs directory; the
 # keywords are the core functions' (= dvc.yaml's --flags). tests/flows/test_curate.py checks that
