@@ -45,7 +45,9 @@ SPAN_FIELDS = [
     pa.field("answer_start", pa.int32(), nullable=False),
     pa.field("answer_end", pa.int32(), nullable=False),
     pa.field("n_steps", pa.int32(), nullable=False),
-    pa.field("answer_span_source", pa.string(), nullable=False),  # marker | field | last_sentence | last_step
+    # The rule that placed the answer span: marker | field | last_sentence | last_step (segment.answer_fallback).
+    # Segment always writes it; nullable so tables built before the column existed still cast.
+    pa.field("answer_span_source", pa.string(), nullable=True),
 ]
 SEGMENT_SCHEMA = pa.schema(TRACE_FIELDS + SPAN_FIELDS)
 

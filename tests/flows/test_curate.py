@@ -158,8 +158,10 @@ def test_stage_paths_are_dvc_yaml_paths():
     """The flow passes each core function exactly the paths dvc.yaml's command passes its CLI."""
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(dvc_stages) == STAGES
-    for stage, paths in stage_paths("data/gsm_noisy/pool.jsonl", "outputs").items():
-        argv = shlex.split(dvc_stages[stage]["cmd"])
+    pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
+    assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
+    for stage, paths in stage_paths(pool, "outputs").items():
+        argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)
         assert argv[:3] == ["python", "-m", f"tasks.{stage}"]
         flags = dict(zip(argv[3::2], argv[4::2]))
         assert flags == {f"--{name.replace('_', '-')}": path.as_posix() for name, path in paths.items()}, stage
