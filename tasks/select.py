@@ -10,6 +10,10 @@ ranking: it stops at the first trace whose response tokens would overflow the bu
 kept trace outranks every dropped one (packing shorter traces past that point would select by
 length, not by score). With `stratify_by`, each stratum gets its share of every subset
 (largest-remainder counts; a budget split by the strata's trace counts) and is filled best-first.
+With `max_per_question` (several responses per question, as rejection sampling gives), only the
+best-ranked responses of each question (same prompt turns) up to the cap can be selected; fractions
+and budgets then count the traces left. Every subset's manifest entry has its responses-per-question
+histogram, and ranking.parquet each trace's question key, for the report and `grace diff`.
 
 Outputs: subsets/<name>/{subset.jsonl, ids.txt} in rank order, subsets/ranking.parquet and
 manifest.json (also the DVC metrics file).
@@ -40,6 +44,7 @@ RANKING_SCHEMA = pa.schema(
         pa.field("score", pa.float64(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),  # 1 = best
         pa.field("selected_in", pa.list_(pa.string()), nullable=False),  # subset names holding this trace
+        pa.field("question", pa.string(), nullable=True),  # question_key of its prompt; null if not in segments
     ]
 )
 
@@ -49,8 +54,12 @@ class Params:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # one subset per fraction of the scored traces
     token_budget: int | None = None  # also one subset whose response tokens fit this budget
     stratify_by: str | None = None  # a field of the input record; each stratum keeps its share
+    max_per_question: int | None = None  # at most this many responses per question (best first); null = no cap
 
     def check(self) -> None:
+        if self.max_per_question is not None and (isinstance(self.max_per_question, bool) or not isinstance(
+                self.max_per_question, int) or self.max_per_question < 1):
+            raise ParamsError(f"select.max_per_question: {self.max_per_question!r} is not a positive integer or null")
         for fraction in self.fractions:
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
                 raise ParamsError(f"select.fractions: {fraction!r} is not a number in (0, 1]")
@@ -119,6 +128,22 @@ def stratum_of(raw: str, field: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def question_key(prompt_messages: str) -> str:
+    """The question a response answers: its prompt turns (system turn included), as 16 hex of sha256."""
+    return sha256_hex(prompt_messages.encode("utf-8"))[:16]
+
+
+def per_question(questions: list[str | None]) -> dict[str, int]:
+    """{k: number of questions with k responses} over the given question keys (JSON keys: strings)."""
+    histogram = Counter(Counter(questions).values())
+    return {str(k): histogram[k] for k in sorted(histogram)}
+
+
+def per_question_text(histogram: dict[str, int] | None) -> str:
+    """A per_question histogram as "1 x 40, 2 x 3" (responses x questions); "-" for none."""
+    return ", ".join(f"{k} x {n}" for k, n in histogram.items()) if histogram else "-"
+
+
 def read_scores(sample_scores: Path) -> tuple[dict[str, list], str]:
     """The scored traces as columns, refusing what cannot be ranked; plus their one score method."""
     scores = pq.read_table(sample_scores, columns=["id", "score", "method", "n_tokens"]).to_pydict()
@@ -175,17 +200,29 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
     """Rank traces by score and write the top-fraction and token-budget subsets."""
     scores, method = read_scores(sample_scores)
     ids, n = scores["id"], len(scores["id"])
-    segment_table = pq.read_table(segments, columns=["id", "raw"]).to_pydict()
+    segment_table = pq.read_table(segments, columns=["id", "raw", "prompt_messages"]).to_pydict()
     raw_by_id = dict(zip(segment_table["id"], segment_table["raw"]))
+    question_of = {i: question_key(p) for i, p in zip(segment_table["id"], segment_table["prompt_messages"])}
 
     ranked = rank_order(ids, scores["score"])
-    strata: dict[str, list[int]] = {"all": ranked}
+    eligible = ranked
+    if params.max_per_question is not None:
+        missing = [i for i in ids if i not in question_of]
+        if missing:
+            raise ValueError(f"select: cannot cap per question, {len(missing)} scored ids are not in {segments}")
+        taken: Counter[str] = Counter()
+        eligible = []
+        for row in ranked:  # the best-ranked responses of each question, up to the cap
+            taken[question_of[ids[row]]] += 1
+            if taken[question_of[ids[row]]] <= params.max_per_question:
+                eligible.append(row)
+    strata: dict[str, list[int]] = {"all": eligible}
     if params.stratify_by is not None:
         missing = [i for i in ids if i not in raw_by_id]
         if missing:
             raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in {segments}: {missing[:5]}")
         strata = {}
-        for row in ranked:  # each stratum's list stays in rank order
+        for row in eligible:  # each stratum's list stays in rank order
             strata.setdefault(stratum_of(raw_by_id[ids[row]], params.stratify_by), []).append(row)
 
     rank_of = {row: position for position, row in enumerate(ranked)}
@@ -202,6 +239,7 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
             "n_tokens": sum(scores["n_tokens"][row] for row in rows),
             "score_threshold": scores["score"][rows[-1]] if rows else None,  # lowest kept score
             "method": method,
+            "responses_per_question": per_question([question_of.get(i) for i in chosen]),
         }
         if params.stratify_by is not None:
             strata_counts = Counter(stratum_of(raw_by_id[i], params.stratify_by) for i in chosen)
@@ -219,12 +257,16 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
         "score": [scores["score"][row] for row in ranked],
         "rank": list(range(1, n + 1)),
         "selected_in": [selected_in[row] for row in ranked],
+        "question": [question_of.get(ids[row]) for row in ranked],
     }
     write_parquet(subsets_dir / "ranking.parquet", pa.table(ranking, schema=RANKING_SCHEMA))
     manifest = {
         "n_scored": n,
         "method": method,
         "stratify_by": params.stratify_by,
+        "max_per_question": params.max_per_question,
+        "n_capped": n - len(eligible),  # responses past max_per_question: never selected
+        "responses_per_question": per_question([question_of.get(i) for i in ids]),  # of the scored traces
         "n_selected": {name: entry["n_selected"] for name, entry in manifest_subsets.items()},
         "subsets": manifest_subsets,
     }

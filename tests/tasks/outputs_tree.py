@@ -81,7 +81,7 @@ def build_outputs(root: Path, n: int = 30, lambda_: float = 0.5, fractions=(0.1,
     ranking = {"id": order, "score": [scores[i] for i in order], "rank": list(range(1, n + 1)),
                "selected_in": [[s for s, m in subsets.items() if i in m] for i in order]}
     pq.write_table(pa.table(ranking), out / "select/subsets/ranking.parquet")
-    (out / "select/manifest.json").write_text(json.dumps({"subsets": {s: len(m) for s, m in subsets.items()}}))
+    (out / "select/manifest.json").write_text(json.dumps({"subsets": {s: {"n_selected": len(m)} for s, m in subsets.items()}}))
     for stage, stats in STAGE_STATS.items():
         (out / stage).mkdir(parents=True, exist_ok=True)
         (out / stage / "stats.json").write_text(json.dumps({"stage": stage, **stats}))
