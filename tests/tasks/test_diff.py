@@ -141,3 +141,17 @@ def test_pure_parts():
     assert subset_diff("s", [], [])["jaccard"] is None
     assert ranks({"b": 1.0, "a": 1.0, "c": 2.0}, ["a", "b", "c"]) == {"c": 1, "a": 2, "b": 3}
     assert spearman([1.0, 1.0], [1.0, 2.0]) is None and spearman([1.0], [2.0]) is None
+
+
+def test_responses_kept_per_question_on_each_side():
+    from tasks.diff import Version, to_markdown
+
+    questions = {"a1": "qa", "a2": "qa", "a3": "qa", "b1": "qb", "c1": "qc"}
+    a = Version("A", {}, {"top": ["a1", "a2", "a3", "b1"]}, {i: 1.0 for i in questions}, None, questions)
+    b = Version("B", {}, {"top": ["a1", "b1", "c1"]}, {i: 1.0 for i in questions}, None, questions)
+    (subset,) = diff_versions(a, b)["subsets"]
+    assert (subset["per_question_a"], subset["per_question_b"]) == ({"1": 1, "3": 1}, {"1": 3})
+    assert "| top | 4 | 3 | 1 | 2 | 0.4 | 1 x 1, 3 x 1 | 1 x 3 |" in to_markdown(diff_versions(a, b))
+    # a version whose ranking predates question keys shows none, rather than a wrong count
+    old = Version("old", {}, {"top": ["a1"]}, {"a1": 1.0}, None)
+    assert diff_versions(old, b)["subsets"][0]["per_question_a"] is None
