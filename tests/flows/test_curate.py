@@ -64,7 +64,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
         lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == stats[stage]["quarantined"]
     assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
-            "quarantined_no_answer": 1}.items() <= stats["ingest"].items()
+            "quarantined_no_assistant_turn": 1}.items() <= stats["ingest"].items()
     assert (stats["segment"]["read"], stats["segment"]["kept"], stats["segment"]["quarantined_no_steps"]) == (5, 4, 1)
 
     # Each stage reads what the one before it kept, and its table holds that many traces.
@@ -102,7 +102,7 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert artifact.type == "markdown"
     markdown = artifact.data
     assert markdown == summary_markdown(state.result())
-    assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_answer: 1 |" in markdown
+    assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_assistant_turn: 1 |" in markdown
     assert "| segment | 5 | 4 | 1 | no_steps: 1 |" in markdown
     top50 = read_json(root / "outputs" / "select" / "manifest.json")["subsets"]["top50pct"]
     tokens, threshold = top50["n_tokens"], top50["score_threshold"]
@@ -139,7 +139,7 @@ def test_tasks_run_the_stage_functions(tmp_path, tiny_model_dir):
     ingest_stats = ingest_task.fn(root / "data" / "gsm_noisy" / "pool.jsonl", tmp_path / "ingest", params)
     assert (ingest_stats["read"], ingest_stats["kept"]) == (8, 5)
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "ingest" / "quarantine.jsonl").open()]
-    assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_answer"]
+    assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_assistant_turn"]
 
     # The section is read from the file: a changed setting changes what the stage does.
     document = yaml.safe_load(params.read_text())
