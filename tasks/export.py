@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 FORMATS = ("messages", "alpaca", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "alpaca": "alpaca.json", "parquet": "data.parquet"}
@@ -41,7 +40,7 @@ EXPORT_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@params_section("export")
 class Params:
     formats: tuple[str, ...] = FORMATS  # which files each subset gets
 
@@ -101,6 +100,7 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
     return files
 
 
+@atomic_outputs
 def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict:
     """Write every subset of select's output in the configured post-training formats."""
     names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))

@@ -48,7 +48,8 @@ from tqdm import tqdm
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
-from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import (ParamsError, StageLedger, atomic_write_text, params_section, run_stage, write_json,
+                         write_parquet)
 
 CACHE_VERSION = "extract-v1"  # bump when the meaning of the numbers extract writes changes
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
@@ -61,7 +62,7 @@ PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field(
                         + [EXTRACT_SCHEMA.field(name).with_nullable(True) for name in NUMBER_COLUMNS])
 
 
-@dataclass(frozen=True)
+@params_section("extract")
 class Params:
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
     batch_tokens: int = 8192  # padded tokens per forward batch: more = faster, more memory

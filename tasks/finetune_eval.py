@@ -18,20 +18,19 @@ The runs' subsets sit in <method>[-seed<s>]/select/subsets/top<p>pct/ (select's 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import aggregate as aggregate_stage
 from tasks import score as score_stage
 from tasks import select as select_stage
-from tasks.stage import ParamsError, run_stage, write_json
+from tasks.stage import ParamsError, params_section, run_stage, write_json
 
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-@dataclass(frozen=True)
+@params_section("finetune_eval")
 class Params:
     methods: tuple[str, ...] = ("grace", "random", "length", "loss")  # score.method values; full always runs
     random_seeds: tuple[int, ...] = (0, 1)  # method random once per seed: the table shows mean and std

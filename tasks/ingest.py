@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,14 @@ import pyarrow as pa
 from tasks.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
 from tasks.readers import read_records
 from tasks.schema import TRACE_SCHEMA, content_hash
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
 
 FORMATS = ("auto", "jsonl", "parquet", "hf_disk")
 
 
-@dataclass(frozen=True)
+@params_section("ingest")
 class Params:
     format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk
     id_field: str | None = "id"  # null or missing: id = "h-" + 16 hex of the content hash
@@ -147,6 +146,7 @@ def _quarantine(ledger: StageLedger, rejected: Rejected, row: int, record: dict,
                   record=json.dumps(record, ensure_ascii=False, default=str))
 
 
+@atomic_outputs
 def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
     ledger = StageLedger("ingest")

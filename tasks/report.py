@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tasks import svgplot
-from tasks.stage import ParamsError, StageLedger, atomic_write_bytes, atomic_write_text, run_stage
+from tasks.stage import (ParamsError, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
+                         params_section, run_stage)
 
 STAGE_ORDER = ("ingest", "segment", "model", "extract", "score", "aggregate", "select", "validate", "export")
 LEDGER_KEYS = ("stage", "read", "kept", "quarantined")
 
 
-@dataclass(frozen=True)
+@params_section("report")
 class Params:
     n_examples: int = 6  # traces shown per group (kept, rejected): more = a longer page
     seed: int = 0  # which traces are shown and which steps the scatter samples
@@ -44,8 +44,9 @@ class Params:
 
 # ---- inputs ----------------------------------------------------------------------------------------
 def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, Any]]:
-    """Every outputs/<stage>/stats.json, in DAG order (unknown stages last, by name)."""
-    found = [p for p in outputs.glob("*/stats.json") if skip is None or p.parent.resolve() != skip.resolve()]
+    """Every outputs/<stage>/stats.json but skip's (by name: a stage writes into a staging copy), in DAG order."""
+    found = [p for p in outputs.glob("*/stats.json")
+             if not p.parent.name.startswith(".") and (skip is None or p.parent.name != skip.name)]
     stats = [{"stage": p.parent.name, **json.loads(p.read_text(encoding="utf-8"))} for p in found]
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     return sorted(stats, key=lambda s: (order.get(s["stage"], len(order)), s["stage"]))
@@ -108,6 +109,7 @@ def pick_examples(ids: list[str], n: int, rng: np.random.Generator) -> list[str]
 
 
 # ---- the stage -----------------------------------------------------------------------------------
+@atomic_outputs
 def report(outputs: Path, out_dir: Path, params: Params) -> dict:
     """Render a curation run (outputs/) into report.html and DVC plot data."""
     rng = np.random.default_rng(params.seed)

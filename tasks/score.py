@@ -18,7 +18,6 @@ Every trace has at least one step (segment quarantines step-less ones); the stag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -28,13 +27,13 @@ import pyarrow.compute as pc
 
 from tasks.extract import read_extract
 from tasks.schema import STEP_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_json, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
 
 
-@dataclass(frozen=True)
+@params_section("score")
 class Params:
     method: str = "grace"  # grace, or a baseline (tasks/baselines.py)
     gradient: str = "proxy"  # proxy (representation-level r_t) | head (exact LM-head inner products)
@@ -129,6 +128,7 @@ def step_signals(grams: np.ndarray, params: Params) -> dict[str, np.ndarray]:
     }
 
 
+@atomic_outputs
 def score(extract: Path, out_dir: Path, params: Params) -> dict:
     """Step scores for every trace in the extract output: step_scores.parquet, stats.json."""
     table = read_extract(Path(extract))

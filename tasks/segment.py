@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ import pyarrow.parquet as pq
 
 from tasks.answers import last_marker_start
 from tasks.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 STRATEGIES = ("newline", "paragraph", "step_marker", "sentence")
 BATCH_ROWS = 4096
@@ -49,7 +48,7 @@ _ABBREVIATIONS = {"e.g.", "i.e.", "cf.", "vs.", "approx.", "mr.", "mrs.", "ms.",
                   "eq.", "no.", "resp.", "al."}
 
 
-@dataclass(frozen=True)
+@params_section("segment")
 class Params:
     strategy: str = "newline"  # newline | paragraph (blank-line separated) | step_marker ("Step N:") | sentence
     strip_calculator: bool = False  # drop GSM8K <<expr=value>> before scoring (changes what the model sees)
@@ -128,6 +127,7 @@ def segment_text(text: str, answer_source: str, strategy: str) -> tuple[list[tup
     return split_steps(text[: answer[0]], strategy), answer
 
 
+@atomic_outputs
 def segment(traces: Path, out_dir: Path, params: Params) -> dict:
     """Split each trace of traces.parquet into steps + answer: segments.parquet, quarantine.jsonl, stats.json."""
     ledger = StageLedger("segment")

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections import Counter
-from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -30,10 +28,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import (ParamsError, atomic_outputs, atomic_write_text, params_section, run_stage, write_json,
+                         write_parquet)
 
 MISSING_STRATUM = "<missing>"
-SUBSET_FILES = ("subset.jsonl", "ids.txt")
 RANKING_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -44,7 +42,7 @@ RANKING_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@params_section("select")
 class Params:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # one subset per fraction of the scored traces
     token_budget: int | None = None  # also one subset whose response tokens fit this budget
@@ -171,6 +169,7 @@ def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) 
             "sha256_ids_txt": sha256_hex(ids_txt.encode("utf-8"))}
 
 
+@atomic_outputs
 def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -> dict:
     """Rank traces by score and write the top-fraction and token-budget subsets."""
     scores, method = read_scores(sample_scores)
@@ -209,10 +208,6 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params) -
         manifest_subsets[name] = entry
         for row in rows:
             selected_in[row].append(name)
-    for stale in subsets_dir.iterdir():  # a subset of earlier params would pass for a current one
-        if (stale.is_dir() and stale.name not in manifest_subsets
-                and {p.name for p in stale.iterdir()} <= set(SUBSET_FILES)):
-            shutil.rmtree(stale)
 
     ranking = {
         "id": [ids[row] for row in ranked],

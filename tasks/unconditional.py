@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tasks.extract import Params, read_segment_batches, pack_batches
 from tasks.proxy import ProxyModel, resolve_device
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
-from tasks.stage import StageLedger, run_stage, write_parquet
+from tasks.stage import StageLedger, atomic_outputs, run_stage, write_parquet
 
 UNCONDITIONAL_SCHEMA = pa.schema(
     [
@@ -50,6 +50,7 @@ def read_losses(path: Path) -> pa.Table:
     return pq.read_table(path, schema=UNCONDITIONAL_SCHEMA)
 
 
+@atomic_outputs
 def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Mean response loss of every segmented trace without its question: losses.parquet, stats.json.
 

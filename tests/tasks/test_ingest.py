@@ -225,12 +225,15 @@ def test_params_defaults_are_the_params_yaml_section():
         params_from_dict(Params, "ingest", {"answer_patterns": ["gsm8k", "latex"]})
 
 
-def test_cli_runs_the_stage(tmp_path, gsm_rows):
+def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     source = write_jsonl(tmp_path / "pool.jsonl", gsm_rows)
     stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")])
     assert stats["kept"] == 3
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"traces.parquet", "quarantine.jsonl", "stats.json"}
     (tmp_path / "pool.txt").write_text("")
-    with pytest.raises(ParamsError, match="ingest.format"):
+    with pytest.raises(SystemExit) as stopped:  # on the command line a setting to change is one line, not a traceback
         main(["--input", str(tmp_path / "pool.txt"), "--out-dir", str(tmp_path / "x"),
               "--params", str(REPO / "params.yaml")])
+    assert stopped.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("python -m tasks.ingest: error: ingest.format") and "pool.txt" in line
