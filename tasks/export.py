@@ -106,7 +106,7 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict
     names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))
     if not names:
         raise FileNotFoundError(f"export: no <subset>/ids.txt under {subsets}; run select first")
-    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").split() for name in names}
+    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").splitlines() for name in names}
     wanted = sorted({id_ for ids in ids_of.values() for id_ in ids})
     columns = ["id", "question", "prompt_messages", "response"]
     table = pq.read_table(segments, columns=columns, filters=pc.field("id").isin(wanted))

@@ -48,8 +48,8 @@ from tqdm import tqdm
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
-from tasks.stage import (ParamsError, StageLedger, atomic_write_text, params_section, run_stage, write_json,
-                         write_parquet)
+from tasks.stage import (ParamsError, StageInputError, StageLedger, atomic_write_text, params_section, run_stage,
+                         write_json, write_parquet)
 
 CACHE_VERSION = "extract-v1"  # bump when the meaning of the numbers extract writes changes
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
@@ -417,6 +417,8 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: tqdm |
             quarantine.append(QuarantineRecord("extract", outcome["reason"], outcome["detail"], id=row["id"],
                                                source_row=row["source_row"], record=row["scored_response"]))
     quarantine_path = shards / f"{spec.name}.quarantine.jsonl"
+    for summary in ("stats.json", "quarantine.jsonl"):  # an earlier run's summary must not pass for this one's
+        (Path(out_dir) / summary).unlink(missing_ok=True)
     write_parquet(path, pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA))
     atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in quarantine))
     write_json(shards / f"{spec.name}.done", {  # last: its presence means the shard is complete
@@ -456,6 +458,7 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
             totals[name] += marker[name]
         lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
         ledger.quarantine.extend(QuarantineRecord(**json.loads(line)) for line in lines)
+    ledger.require_kept(shards)
     real, padded = sum(r.real_tokens for r in runs), sum(r.padded_tokens for r in runs)
     seconds, prepare_seconds = sum(r.seconds for r in runs), sum(r.prepare_seconds for r in runs)
     ledger.extra.update(
@@ -471,12 +474,14 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
 def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
     specs = plan_shards(segments, params, model)
+    if not specs:
+        raise StageInputError(f"extract: {segments} holds no traces")
     with ThreadPoolExecutor(max_workers=1) as prefetch, \
-            tqdm(total=specs[-1].stop if specs else 0, unit="trace", desc="extract", disable=None) as progress:
+            tqdm(total=specs[-1].stop, unit="trace", desc="extract", disable=None) as progress:
         # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
         prepare = functools.partial(_prepare, reader=segment_reader(segments), model=model, out_dir=out_dir,
                                     params=params)
-        upcoming, runs = prefetch.submit(prepare, specs[0]) if specs else None, []
+        upcoming, runs = prefetch.submit(prepare, specs[0]), []
         for following in specs[1:] + [None]:
             prepared = upcoming.result()
             upcoming = prefetch.submit(prepare, following) if following else None
@@ -485,7 +490,13 @@ def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
 
 
 def read_extract(extract_dir: Path) -> pa.Table:
-    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id."""
+    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id; refused unless finished.
+
+    finalize writes stats.json last and a shard write removes it first, so without it the shards
+    may be a run's first few.
+    """
+    if not (Path(extract_dir) / "stats.json").is_file():
+        raise StageInputError(f"{extract_dir}: no stats.json, so extract did not finish there; run it again")
     parts = sorted((Path(extract_dir) / "shards").glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(part, schema=EXTRACT_SCHEMA) for part in parts]) if parts \
         else EXTRACT_SCHEMA.empty_table()

@@ -99,6 +99,9 @@ def _record_id(record: dict, params: Params) -> str | None:
         raise Rejected("wrong_type", f"id field {params.id_field!r} is {type(given).__name__}")
     if not str(given).strip():
         raise Rejected("empty_field", f"id field {params.id_field!r} is empty")
+    if str(given).splitlines() != [str(given)]:
+        # ids.txt holds one id a line: an id with a line break would split there and match no trace
+        raise Rejected("id_line_break", f"id field {params.id_field!r} holds a line break: {given!r}")
     return str(given)
 
 
@@ -146,6 +149,15 @@ def _quarantine(ledger: StageLedger, rejected: Rejected, row: int, record: dict,
                   record=json.dumps(record, ensure_ascii=False, default=str))
 
 
+def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
+    """The fields ingest looked for next to the fields the records have, for a run that kept nothing."""
+    looked_for = {"question_fields": list(params.question_fields), "response_fields": list(params.response_fields),
+                  "messages_field": params.messages_field, "answer_field": params.answer_field,
+                  "id_field": params.id_field}
+    looked = ", ".join(f"ingest.{name} {value!r}" for name, value in looked_for.items() if value is not None)
+    return f". Looked for {looked}; the records have fields {sorted(fields_seen)}" if fields_seen else ""
+
+
 @atomic_outputs
 def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
@@ -153,7 +165,9 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
     seen_ids: set[str] = set()
     sources: Counter[str] = Counter()
+    fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
     for row, record in read_records(Path(input), params.format, ledger):
+        fields_seen.update(record)
         try:
             trace = to_trace(record, params)
         except Rejected as rejected:
@@ -169,6 +183,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
         for name, value in trace.items():
             columns[name].append(value)
         ledger.keep()
+    ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
     out_dir = Path(out_dir)
     write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
     ledger.extra["answer_source"] = dict(sorted(sources.items()))

@@ -53,7 +53,7 @@ def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, 
 
 
 def read_subsets(subsets_dir: Path) -> dict[str, list[str]]:
-    return {p.parent.name: p.read_text(encoding="utf-8").split() for p in sorted(subsets_dir.glob("*/ids.txt"))}
+    return {p.parent.name: p.read_text(encoding="utf-8").splitlines() for p in sorted(subsets_dir.glob("*/ids.txt"))}
 
 
 def write_csv(path: Path, columns: dict[str, Any]) -> None:

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 
 from tasks.answers import last_marker_start
 from tasks.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.stage import (ParamsError, StageInputError, StageLedger, atomic_outputs, params_section, run_stage,
+                         write_parquet)
 
 STRATEGIES = ("newline", "paragraph", "step_marker", "sentence")
 BATCH_ROWS = 4096
@@ -134,7 +135,7 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
     columns: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
     missing = set(TRACE_SCHEMA.names) - set(pq.read_schema(traces).names)
     if missing:
-        raise ValueError(f"{traces} is not an ingest trace table: missing columns {sorted(missing)}")
+        raise StageInputError(f"{traces} is not an ingest trace table: missing columns {sorted(missing)}")
     for batch in pq.ParquetFile(traces).iter_batches(batch_size=BATCH_ROWS, columns=TRACE_SCHEMA.names):
         for trace in batch.to_pylist():
             ledger.count_read()
@@ -156,6 +157,7 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
             columns["answer_start"].append(answer[0])
             columns["answer_end"].append(answer[1])
             columns["n_steps"].append(len(steps))
+    ledger.require_kept(traces)
     out_dir = Path(out_dir)
     write_parquet(out_dir / "segments.parquet", pa.table(columns, schema=SEGMENT_SCHEMA))
     ledger.extra.update(strategy=params.strategy, strip_calculator=params.strip_calculator,

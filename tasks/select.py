@@ -159,7 +159,7 @@ def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) 
     missing = [i for i in chosen if i not in raw_by_id]
     if missing:
         raise ValueError(f"select: {directory.name}: {len(missing)} selected ids are not in segments: {missing[:5]}")
-    if any("\n" in i or "\r" in i for i in chosen):
+    if any(i.splitlines() != [i] for i in chosen):  # ingest refuses such ids (id_line_break)
         raise ValueError(f"select: {directory.name}: an id contains a line break, which ids.txt cannot hold")
     jsonl = "".join(json.dumps(json.loads(raw_by_id[i]), ensure_ascii=False) + "\n" for i in chosen)
     ids_txt = "".join(i + "\n" for i in chosen)

@@ -293,6 +293,17 @@ class StageLedger:
         }
         return stats
 
+    def require_kept(self, source: str | os.PathLike, hint: str = "") -> None:
+        """Stop the run at this stage when it kept nothing: every later stage could only fail less clearly."""
+        if self.kept:
+            return
+        if not self.read:
+            raise StageInputError(f"{self.stage}: {source} holds no records{hint}")
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.quarantined_by_reason.items())
+        example = f"; first: {self.quarantine[0].detail}" if self.quarantine else ""
+        raise StageInputError(f"{self.stage}: kept none of the {self.read} records of {source} "
+                              f"(quarantined {reasons}{example}){hint}")
+
     def check_balance(self) -> None:
         if self.read != self.kept + len(self.quarantine):
             raise RuntimeError(

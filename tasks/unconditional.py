@@ -95,6 +95,7 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
                 run_chunk()
     if rows:
         run_chunk()
+    ledger.require_kept(segments)
     counts = np.array(n_tokens, dtype=np.int32)
     loss_sum = np.array(loss_sums, dtype=np.float64)
     table = pa.Table.from_arrays(
