@@ -121,6 +121,7 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
     ).sort_by([("score", "descending"), ("id", "ascending")])
     write_parquet(Path(out_dir) / "sample_scores.parquet", samples)
     ledger.keep(samples.num_rows)
+    ledger.require_kept(extract)
     ledger.extra.update(
         constant_score=bool(len(scores) and np.all(scores == scores[0])),  # e.g. method full: no ranking
         score_min=float(scores.min()) if len(scores) else None,

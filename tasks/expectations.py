@@ -82,8 +82,14 @@ def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    r"""The lines of a JSONL text, split at "\n" only: unescaped JSON strings may hold U+2028 or \x0c."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def count_lines(path: Path) -> int:
-    return len(path.read_text(encoding="utf-8").splitlines())
+    return len(jsonl_lines(path.read_text(encoding="utf-8")))
 
 
 def reconcile_row(outputs: Path, tables: dict[str, pa.Table]) -> dict:
@@ -140,7 +146,7 @@ def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict],
         folder = outputs / "select" / "subsets" / name
         ids_bytes, jsonl_bytes = (folder / "ids.txt").read_bytes(), (folder / "subset.jsonl").read_bytes()
         ids = ids_bytes.decode("utf-8").splitlines()
-        records = [json.loads(line) for line in jsonl_bytes.decode("utf-8").splitlines()]
+        records = [json.loads(line) for line in jsonl_lines(jsonl_bytes.decode("utf-8"))]
         fraction, budget = entry.get("fraction"), entry.get("token_budget")
         n_tokens = sum(tokens.get(i, 0) for i in ids)
         subsets.append({

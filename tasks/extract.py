@@ -456,7 +456,8 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
         ledger.keep(marker["kept"])
         for name in totals:
             totals[name] += marker[name]
-        lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+        # split at "\n" only: a quarantined response may hold U+2028 or \x0c, which splitlines() splits at
+        lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         ledger.quarantine.extend(QuarantineRecord(**json.loads(line)) for line in lines)
     ledger.require_kept(shards)
     real, padded = sum(r.real_tokens for r in runs), sum(r.padded_tokens for r in runs)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import (ParamsError, atomic_outputs, atomic_write_text, params_section, run_stage, write_json,
-                         write_parquet)
+from tasks.stage import (ParamsError, StageInputError, atomic_outputs, atomic_write_text, params_section, run_stage,
+                         write_json, write_parquet)
 
 MISSING_STRATUM = "<missing>"
 RANKING_SCHEMA = pa.schema(
@@ -122,17 +122,17 @@ def read_scores(sample_scores: Path) -> tuple[dict[str, list], str]:
     scores = pq.read_table(sample_scores, columns=["id", "score", "method", "n_tokens"]).to_pydict()
     ids = scores["id"]
     if not ids:
-        raise ValueError(f"select: {sample_scores} holds no scored traces")
+        raise StageInputError(f"select: {sample_scores} holds no scored traces")
     duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicates:
-        raise ValueError(f"select: {sample_scores} repeats ids {duplicates[:5]}")
+        raise StageInputError(f"select: {sample_scores} repeats ids {duplicates[:5]}")
     not_finite = [i for i, s in zip(ids, scores["score"]) if not math.isfinite(s)]
     if not_finite:
-        raise ValueError(f"select: {len(not_finite)} traces have a non-finite score (e.g. {not_finite[:5]}); "
+        raise StageInputError(f"select: {len(not_finite)} traces have a non-finite score (e.g. {not_finite[:5]}); "
                          "fix aggregate")
     methods = sorted(set(scores["method"]))
     if len(methods) != 1:
-        raise ValueError(f"select: {sample_scores} mixes score methods {methods}")
+        raise StageInputError(f"select: {sample_scores} mixes score methods {methods}")
     return scores, methods[0]
 
 

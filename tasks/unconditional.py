@@ -60,6 +60,8 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
     """
     started = time.perf_counter()
     ledger = StageLedger("unconditional")
+    if pq.read_metadata(segments).num_rows == 0:  # before the model loads: that takes a while
+        ledger.require_kept(segments)
     proxy_model = ProxyModel(Path(model), resolve_device(params.device))
     max_length = params.max_length or proxy_model.context_length
     ids: list[str] = []
