@@ -163,7 +163,7 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
         value = pc.mean(steps[name]).as_py()
         return None if value is None else round(value, 6)
 
-    ledger.extra.update(gradient=params.gradient, steps=steps.num_rows,
+    ledger.extra.update(gradient=params.gradient, first_step=params.first_step, steps=steps.num_rows,
                         skipped_steps=steps["step_score"].null_count, **zero_counts, mean_alpha=mean("alpha"),
                         mean_consistency=mean("consistency"), mean_step_score=mean("step_score"))
     ledger.check_balance()
