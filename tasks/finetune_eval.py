@@ -173,14 +173,12 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
             work / "aggregate" / "sample_scores.parquet", segments, work / "select",
             dataclasses.replace(select, fractions=own, token_budget=None,
                                 within_clusters=job.get("within_clusters", False)), clusters=clusters)
-        extra = {}
-        if label == job.get("name"):
-            extra = {"variant": {key: job[key] for key in VARIANT_DEFAULTS}, "n_scored": n_scored}
-            if scorer != "base" and params.scorers[scorer].get("model") == "warmup":
-                extra["warmed_on"] = len(warmed_on)
+        is_variant = "name" in job
+        extra = {"variant": {key: job[key] for key in VARIANT_DEFAULTS}, "n_scored": n_scored} if is_variant else {}
+        warmed = scorer != "base" and params.scorers[scorer].get("model") == "warmup"
         names = [select_stage.fraction_subset_name(f) for f in own]
-        for run in _subset_runs(label, label if extra else method, seed, fractions, names, manifest, extra):
-            if warmed_on and "warmed_on" in run:
+        for run in _subset_runs(label, label if is_variant else method, seed, fractions, names, manifest, extra):
+            if warmed:
                 ids = set((Path(out_dir) / run["ids"]).read_text(encoding="utf-8").split())
                 run["warmup_overlap"] = len(ids & warmed_on)  # traces of the subset the scorer was tuned on
             runs.append(run)

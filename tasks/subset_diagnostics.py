@@ -75,7 +75,7 @@ def diagnose(subsets: Path, labels: Path, out_dir: Path, params: Params) -> dict
                      "clusters": run.get("n_clusters_covered"), "groups": len(groups) if groups else None,
                      "top_groups_share": (sum(n for _, n in groups.most_common(params.top_groups)) / len(ids)
                                           if groups else None)})
-        label = run["name"].rsplit("-top", 1)[0] if run["method"] != "full" else "full"
+        label = run["ids"].split("/", 1)[0]  # the run's work directory: <label>/select/subsets/...
         scores_path = Path(subsets) / label / "aggregate" / "sample_scores.parquet"
         if run["method"] not in ("full", "random") and run["method"] not in scorers and scores_path.is_file():
             table = pq.read_table(scores_path, columns=["id", "score"]).to_pydict()
