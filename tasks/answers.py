@@ -1,9 +1,12 @@
 """Final answers in reasoning text: the value (ingest, fine-tune evaluation) and where it sits (segment).
 
-Three marker kinds, named as in params.yaml `ingest.answer_patterns`:
+Four marker kinds, named as in params.yaml `ingest.answer_patterns`:
   gsm8k      "#### 72", "#### 1,234"
-  answer_is  "The answer is 72", "the final answer is: 72."
+  answer_is  "The answer is 72", "the final answer is: 72.", MetaMathQA's "The answer is: 72"
   boxed      "\\boxed{72}", "\\boxed{\\frac{1}{2}}" (braces are matched, so nested groups stay whole)
+  choice     a multiple-choice letter after "answer"/"option"/"choice" ending its line:
+             "Answer: (B)", "**Answer:** C", "the correct option is D." (letters A-J)
+A lone option letter in parentheses, "(B)", normalises to "B", so every kind gives the bare letter.
 Every marker must carry a non-empty answer; "####" alone is no marker.
 """
 
@@ -12,12 +15,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
-ANSWER_PATTERNS = ("gsm8k", "answer_is", "boxed")
+ANSWER_PATTERNS = ("gsm8k", "answer_is", "boxed", "choice")
 
 _GSM8K = re.compile(r"####[ \t]*([^\n]*)")
 # "answer is" rather than "The answer is": also catches "the final answer is", "My answer is".
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is\b[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed[ \t]*\{")
+# The letter must end its line (bar punctuation and emphasis), so "Answer: A is wrong because" is no marker.
+_CHOICE = re.compile(r"\b(?:answer|option|choice)\b[^\n]*?[:\s*]\(?([A-J])\)?[ \t.*]*$", re.IGNORECASE | re.MULTILINE)
+_OPTION_LETTER = re.compile(r"\(([A-J])\)")
 # An "answer is" value ends at the first sentence end: "The answer is 10. So ..." -> "10" (2.5 stays whole).
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -66,7 +72,8 @@ def normalise_answer(answer: str) -> str:
     answer = answer.removeprefix("\\$").removeprefix("$").strip()
     if _THOUSANDS.fullmatch(answer):
         answer = answer.replace(",", "")
-    return answer
+    letter = _OPTION_LETTER.fullmatch(answer)
+    return letter.group(1) if letter else answer
 
 
 def _occurrences(text: str, pattern: str) -> Iterator[tuple[int, str]]:
@@ -84,6 +91,10 @@ def _occurrences(text: str, pattern: str) -> Iterator[tuple[int, str]]:
             close = _matching_brace(text, match.end() - 1)
             if close is not None:  # an unclosed \boxed{ (e.g. cut-off generation) carries no answer
                 yield match.start(), normalise_answer(text[match.end():close])
+    elif pattern == "choice":
+        for match in _CHOICE.finditer(text):
+            if match.group(1).isupper():  # IGNORECASE is for the keyword; "answer is a" is prose
+                yield match.start(), match.group(1)
     else:
         raise ValueError(f"unknown answer pattern {pattern!r}; known: {list(ANSWER_PATTERNS)}")
 

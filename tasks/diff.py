@@ -16,6 +16,7 @@ report. The largest rank movers follow; they are often far from every boundary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import sys
@@ -27,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
+
+from tasks.select import per_question, per_question_text
 
 # Where each artifact may lie below a version's root, first match wins: the repo/outputs layout
 # of dvc.yaml, then a flat folder of copied files.
@@ -57,6 +60,7 @@ class Version:
     scores: dict[str, float]  # id -> sample score
     step_scores: pa.Table | None  # STEP_SCORE_SCHEMA rows, None where the version has none
     segments: pa.Table | None = None  # SEGMENT_COLUMNS of segments.parquet: the step texts
+    questions: dict[str, str | None] = dataclasses.field(default_factory=dict)  # id -> select's question key
 
 
 # ---- reading a version ---------------------------------------------------------------------------
@@ -164,7 +168,12 @@ def load_version(spec: str, repo: Path = Path(".")) -> Version:
     step_scores = pq.read_table(io.BytesIO(step_bytes)) if step_bytes is not None else None
     segment_bytes = _first(source, ARTIFACT_PATHS["segments"])
     segments = pq.read_table(io.BytesIO(segment_bytes), columns=SEGMENT_COLUMNS) if segment_bytes is not None else None
-    return Version(spec, flatten(source.params()), _read_subsets(source), scores, step_scores, segments)
+    questions: dict[str, str | None] = {}
+    ranking_bytes = _first(source, ARTIFACT_PATHS["ranking"])
+    if ranking_bytes is not None and "question" in pq.read_schema(io.BytesIO(ranking_bytes)).names:
+        ranking = pq.read_table(io.BytesIO(ranking_bytes), columns=["id", "question"])
+        questions = dict(zip(ranking.column("id").to_pylist(), ranking.column("question").to_pylist()))
+    return Version(spec, flatten(source.params()), _read_subsets(source), scores, step_scores, segments, questions)
 
 
 # ---- comparing two versions (pure) ---------------------------------------------------------------
@@ -280,7 +289,12 @@ def diff_versions(a: Version, b: Version, top: int = 5) -> dict[str, Any]:
         "b": b.label,
         "params": params_diff(a.params, b.params),
         "subsets": [
-            subset_diff(name, a.subsets.get(name, []), b.subsets.get(name, []))
+            {**subset_diff(name, a.subsets.get(name, []), b.subsets.get(name, [])),
+             # {k: questions with k responses kept}; None where the version's ranking has no question keys
+             "per_question_a": per_question([a.questions.get(i) for i in a.subsets.get(name, [])])
+             if a.questions else None,
+             "per_question_b": per_question([b.questions.get(i) for i in b.subsets.get(name, [])])
+             if b.questions else None}
             for name in sorted(set(a.subsets) | set(b.subsets))
         ],
         "scores": {
@@ -369,8 +383,10 @@ def to_markdown(result: dict[str, Any], max_ids: int = 20, top: int = 5) -> str:
         out.append("No param differences.")
     out += ["", "## Subsets", ""]
     out += _table(
-        ["Subset", f"size {a}", f"size {b}", "added", "removed", "Jaccard"],
-        [[s["subset"], s["size_a"], s["size_b"], len(s["added"]), len(s["removed"]), s["jaccard"]]
+        ["Subset", f"size {a}", f"size {b}", "added", "removed", "Jaccard",
+         f"responses x questions {a}", f"responses x questions {b}"],
+        [[s["subset"], s["size_a"], s["size_b"], len(s["added"]), len(s["removed"]), s["jaccard"],
+          per_question_text(s.get("per_question_a")), per_question_text(s.get("per_question_b"))]
          for s in result["subsets"]],
     )
     for s in result["subsets"]:

@@ -2,9 +2,11 @@
 
 accuracy     greedy generation (batched, left-padded) from the chat-templated question; the final
              answer is read as ingest reads it (tasks.answers.extract_final_answer with
-             ingest.answer_patterns) and must equal the gold answer after numeric normalisation
-             ("$1,000.00" == "1000"). A generation without an answer marker counts as wrong;
-             `answer_rate` says how many had one.
+             ingest.answer_patterns) and must equal the gold answer: as numbers after
+             normalisation ("$1,000.00" == "1000"), as equal text, as a multiple-choice letter and
+             its option text (the "A) ..." lines ingest appends to the question), or as equivalent
+             math by math-verify ("2/4" == "0.5", "\\frac{1}{2}" == "1/2"). A generation without an
+             answer marker counts as wrong; `answer_rate` says how many had one.
 gold_loss    mean token NLL of the gold solutions (response + end of turn) given the prompt, pooled
              over all tokens of the evaluated problems: lower = the model finds correct reasoning likelier.
              It moves smoothly where a small model's accuracy sits near zero.
@@ -13,11 +15,14 @@ gold_loss    mean token NLL of the gold solutions (response + end of turn) given
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import threading
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
 import torch
+from math_verify import parse, verify
 
 from tasks.answers import extract_final_answer, normalise_answer
 from tasks.extract import pack_batches
@@ -25,6 +30,9 @@ from tasks.finetune import Example, autocast, collate, encode, padding_id, rende
 from tasks.trunk import decoder_layers
 
 _CURRENCY = re.compile(r"^[\$€£¥₹]|[\$€£¥₹%]$")
+_OPTION_LINE = re.compile(r"^\(?([A-J])[).]\s*(.+?)\s*$", re.MULTILINE)
+# math-verify warns on every call made without its timeouts; they are off outside the main thread only
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
 def numeric_value(answer: str) -> Decimal | None:
@@ -37,22 +45,52 @@ def numeric_value(answer: str) -> Decimal | None:
     return value if value.is_finite() else None
 
 
-def answers_match(predicted: str, gold: str) -> bool:
-    """Exact match: equal as numbers where both are numbers, else equal normalised text."""
+def options_of(question: str) -> dict[str, str]:
+    """Multiple-choice options "A) text" / "(B) text" / "C. text", one per line of the question."""
+    return {letter: text for letter, text in _OPTION_LINE.findall(question)}
+
+
+def equivalent_math(predicted: str, gold: str) -> bool:
+    """math-verify's equivalence (sympy): fractions, decimals, LaTeX, thousands separators, sets, intervals.
+
+    Its timeouts use SIGALRM, which only the main thread may set; elsewhere (a Prefect worker thread)
+    they are off, fine for the short extracted answers compared here."""
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+
+    def parsed(answer: str) -> list:
+        # bare LaTeX ("\\dfrac{3}{4}", as ingest's normalise_answer leaves it) needs math delimiters to be read
+        return parse(f"${answer}$" if "\\" in answer else answer, parsing_timeout=timeout)
+
+    gold_parsed, predicted_parsed = parsed(gold), parsed(predicted)
+    return bool(gold_parsed and predicted_parsed and verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
+
+
+def answers_match(predicted: str, gold: str, options: dict[str, str] | None = None) -> bool:
+    """Equal as numbers, as normalised text, as a letter and its option text, or as equivalent math."""
     predicted_number, gold_number = numeric_value(predicted), numeric_value(gold)
     if predicted_number is not None and gold_number is not None:
         return predicted_number == gold_number
-    return normalise_answer(predicted).strip() == normalise_answer(gold).strip()
+    predicted_text, gold_text = normalise_answer(predicted).strip(), normalise_answer(gold).strip()
+    if predicted_text == gold_text:
+        return True
+    texts = {letter: normalise_answer(text).strip() for letter, text in (options or {}).items()}
+    if predicted_text in texts or gold_text in texts:  # a letter stands for its option text, either way round
+        predicted_text, gold_text = texts.get(predicted_text, predicted_text), texts.get(gold_text, gold_text)
+        if predicted_text == gold_text:
+            return True
+    return equivalent_math(predicted_text, gold_text)
 
 
-def score_generations(generations: Sequence[str], golds: Sequence[str], patterns: Sequence[str]) -> list[dict]:
+def score_generations(generations: Sequence[str], golds: Sequence[str], patterns: Sequence[str],
+                      questions: Sequence[str] | None = None) -> list[dict]:
     """Per generation: the extracted answer (None without a marker), its marker kind, and correctness."""
     scored = []
-    for generation, gold in zip(generations, golds, strict=True):
+    questions = questions if questions is not None else [""] * len(golds)
+    for generation, gold, question in zip(generations, golds, questions, strict=True):
         found = extract_final_answer(generation, patterns)
         predicted, source = found if found is not None else (None, None)
         scored.append({"predicted": predicted, "source": source,
-                       "correct": predicted is not None and answers_match(predicted, gold)})
+                       "correct": predicted is not None and answers_match(predicted, gold, options_of(question))})
     return scored
 
 
@@ -112,7 +150,9 @@ def evaluate(model, tokenizer, problems: list[dict], params, patterns: Sequence[
     asked = evenly_spaced(problems, params.accuracy_problems)
     prompts = [render(tokenizer, problem["prompt_messages"], problem["response"])[0] for problem in asked]
     generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size)
-    scored = score_generations(generations, [problem["final_answer"] for problem in asked], patterns)
+    questions = [next((m["content"] for m in reversed(problem["prompt_messages"]) if m["role"] == "user"), "")
+                 for problem in asked]
+    scored = score_generations(generations, [problem["final_answer"] for problem in asked], patterns, questions)
     examples = [encode(tokenizer, problem["prompt_messages"], problem["response"], params.max_seq_len)
                 for problem in problems]
     sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk)

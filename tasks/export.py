@@ -6,7 +6,13 @@
 Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
   messages.jsonl  {"messages": [...prompt turns..., {"role": "assistant", "content": response}], "id": ...}
                   (the chat format of TRL's SFTTrainer, axolotl and LLaMA-Factory's OpenAI-style sharegpt)
-  alpaca.json     [{"instruction": question, "input": system turn or "", "output": response}, ...]
+  prompt_completion.jsonl  {"prompt": [...prompt turns...], "completion": [{"role": "assistant", ...}], "id": ...}
+                  (TRL's conversational prompt-completion format: SFTTrainer then puts the loss on the
+                  completion only, which messages.jsonl cannot give under a chat template with no
+                  generation markers, SmolLM2's among them)
+  alpaca.json     [{"instruction": question, "input": "", "output": response, "system": system turn}, ...]
+                  ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
+                  question already holds an ingested Alpaca input, so "input" stays empty)
   data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
 The response is the trace as given (calculator annotations included), not the scored text.
 A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined
@@ -27,8 +33,9 @@ import pyarrow.parquet as pq
 
 from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
 
-FORMATS = ("messages", "alpaca", "parquet")
-FILE_NAMES = {"messages": "messages.jsonl", "alpaca": "alpaca.json", "parquet": "data.parquet"}
+FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
+FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
+              "parquet": "data.parquet"}
 MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 EXPORT_SCHEMA = pa.schema(
     [
@@ -56,8 +63,8 @@ def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
     roles = [m["role"] for m in prompt]
     if roles not in (["user"], ["system", "user"]):
         return None
-    system = prompt[0]["content"] if roles[0] == "system" else ""
-    return {"instruction": question, "input": system, "output": response}
+    record = {"instruction": question, "input": "", "output": response}
+    return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
 
 
 def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, dict], formats: tuple[str, ...],
@@ -78,6 +85,10 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
             if fmt == "messages":
                 messages = prompt + [{"role": "assistant", "content": trace["response"]}]
                 rows[fmt].append(json.dumps({"messages": messages, "id": id_}, ensure_ascii=False) + "\n")
+            elif fmt == "prompt_completion":
+                completion = [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"prompt": prompt, "completion": completion, "id": id_},
+                                            ensure_ascii=False) + "\n")
             elif fmt == "alpaca":
                 record = to_alpaca(prompt, trace["question"], trace["response"])
                 if record is None:
@@ -91,8 +102,9 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
                                   "score": ranked["score"], "rank": ranked["rank"]})
             ledger.keep()
     files = {}
-    if "messages" in rows:
-        files["messages"] = "".join(rows["messages"]).encode("utf-8")
+    for fmt in ("messages", "prompt_completion"):
+        if fmt in rows:
+            files[fmt] = "".join(rows[fmt]).encode("utf-8")
     if "alpaca" in rows:
         files["alpaca"] = (json.dumps(rows["alpaca"], ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     if "parquet" in rows:

@@ -43,8 +43,12 @@ EVAL_SETTINGS = ("max_seq_len", "batch_tokens", "accuracy_problems", "max_new_to
 
 
 def evaluation_problems(test: Path) -> list[dict]:
-    """The test traces sorted by id, prompt turns parsed."""
+    """The test traces sorted by id, prompt turns parsed; each must carry a gold answer."""
     rows = sorted(pq.read_table(test).to_pylist(), key=lambda row: row["id"])
+    unanswered = [row["id"] for row in rows if not row["final_answer"]]
+    if unanswered:  # ingest keeps marker-less responses; accuracy would count them wrong, unseen
+        raise ValueError(f"{test}: {len(unanswered)} held-out problems have no gold answer (no marker, no "
+                         f"ingest.answer_field), e.g. {unanswered[:5]}")
     return [{**row, "prompt_messages": json.loads(row["prompt_messages"])} for row in rows]
 
 

@@ -7,6 +7,11 @@ is never formed: g~_k = (sum_{t in k} delta_t) @ W is one (spans, V) @ (V, d) pr
 positions reach the LM head (a bare forward computes logits at every position), which pays for
 the softmax passes; the "head" variant adds an (n, V) @ (V, n) product per trace of n loss tokens.
 
+Long traces (chunked_span_sums): without the head variant, logits exist for at most LOGIT_CHUNK loss
+positions at a time, so memory is bounded by chunk x V, not n x V, whatever the response length; a
+span cut by a chunk boundary is summed over its pieces. The head variant needs every (t, u) pair of
+a trace, (n, n) and (n, V) at once: quadratic in the response length, so it is off by default.
+
 delta_t is handled as q_t - a_t onehot(y_t): q_t is p_t with its target entry zeroed and a_t = sum(q_t)
 = 1 - p_t[y_t] is the mass of the other tokens, so a confident token (p_t[y_t] -> 1, beyond fp32
 resolution near 1) keeps its small but exact delta instead of a rounded p_t[y_t] - 1. p stays fp32;
@@ -32,6 +37,11 @@ from tasks.spans import EncodedTrace
 from tasks.stage import ParamsError
 
 
+# Loss positions whose logits exist at once (chunked_span_sums): memory ~ 2 x chunk x V x 4 B
+# (logits and q), 0.8 GB at V = 49k; larger chunks only save kernel launches.
+LOGIT_CHUNK = 2048
+
+
 def resolve_device(name: str) -> str:
     """params.device -> a torch device string; auto = cuda when present, else cpu."""
     if name == "auto":
@@ -55,12 +65,13 @@ def model_identity(model_dir: Path) -> str:
     return json.loads(info.read_text(encoding="utf-8"))["identity"]
 
 
-def loss_layout(span_labels: list[np.ndarray]) -> dict[str, np.ndarray]:
+def loss_layout(span_labels: list[np.ndarray], chunk: int = LOGIT_CHUNK) -> dict[str, np.ndarray]:
     """Indices between the flat loss slots of a batch and per-trace padded layouts (host side).
 
     span_labels[b] (n_b,) is the span of each loss slot of trace b, in position order, so every span
     is a contiguous run of the flat slots (trace-major). V-sized work runs on the flat slots, with
-    no padding; only the (spans, spans) and (slots, slots) Grams need per-trace padding.
+    no padding; only the (spans, spans) and (slots, slots) Grams need per-trace padding. Pieces are
+    the spans cut at every multiple of `chunk` slots: chunk c holds pieces chunk_pieces[c:c+2].
     """
     batch = len(span_labels)
     slots = max(len(labels) for labels in span_labels)  # n
@@ -72,7 +83,15 @@ def loss_layout(span_labels: list[np.ndarray]) -> dict[str, np.ndarray]:
         slot_row[b, :len(labels)] = offsets[b] + np.arange(len(labels))
         span_onehot[b, labels, np.arange(len(labels))] = 1.0
     counts = [np.bincount(labels) for labels in span_labels]
+    span_ends = np.cumsum(np.concatenate(counts))  # (S,) flat slot after each span
+    total = int(span_ends[-1])
+    cuts = np.union1d(span_ends, np.arange(chunk, total, chunk))  # (P,) end of each piece
+    piece_starts = np.concatenate([[0], cuts[:-1]])
     return {
+        "piece_lengths": (cuts - piece_starts).astype(np.int64),  # (P,) slots per piece
+        "piece_span": np.searchsorted(span_ends, piece_starts, side="right"),  # (P,) flat span of each piece
+        # (C+1,) first piece of each chunk, then P: every chunk start is a piece start
+        "chunk_pieces": np.searchsorted(piece_starts, np.append(np.arange(0, total, chunk), total)),
         "span_lengths": np.concatenate(counts).astype(np.int64),  # (S,) slots per span, flat order
         "span_slot": np.concatenate([b * spans + np.arange(len(c)) for b, c in enumerate(counts)]),  # (S,) in B*k
         "slot_pad": np.concatenate([b * slots + np.arange(len(l)) for b, l in enumerate(span_labels)]),  # (N,) in B*n
@@ -95,16 +114,9 @@ def _padded(flat: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...], dty
     return out.index_copy_(0, index, flat.to(out.dtype)).view(*shape, *flat.shape[1:])
 
 
-def span_summaries(h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, layout: dict[str, torch.Tensor],
-                   head_weight: torch.Tensor, *, softcap: float | None = None,
-                   head_dtype: torch.dtype | None = None) -> SpanSummaries:
-    """Per-span loss, proxy and Grams from the N flat loss slots of a batch (layout: loss_layout on device).
-
-    h (N, d) fp32 hidden states, logits (N, V) raw head outputs, targets (N,), head_weight (V, d) fp32;
-    head_dtype None skips the head Gram.
-    """
-    batch, spans, slots = layout["span_onehot"].shape
-    lengths = layout["span_lengths"]
+def _token_deltas(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nll (N,), q (N, V), a (N,)) of N loss slots: delta_t = q_t - a_t onehot(y_t), through the soft-cap."""
     if softcap is None:
         logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V)
     else:
@@ -116,16 +128,64 @@ def span_summaries(h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
     q.scatter_(-1, targets.unsqueeze(-1), 0.0)  # delta_t = q_t - a_t onehot(y_t)
     a = q.sum(-1)  # (N,) 1 - p[y] as the mass of the other tokens: exact however close p[y] is to 1
     nll = torch.where(a < 0.5, -torch.log1p(-a), -logp_y)  # (N,) the confident tokens' loss from a as well
-    # segment sums are sequential per segment: deterministic on CUDA, unlike atomic index_add_
-    span_loss = torch.segment_reduce(nll.double(), "sum", lengths=lengths, unsafe=True)  # (S,)
     if softcap is not None:  # dl/dlogits = delta * slope
         a = a * slope.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         q.mul_(slope)
+    return nll, q, a
+
+
+def _run_sums(nll, q, a, targets, lengths, head_weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (R,) f64, g~ (R, d)) summed over R contiguous runs of slots of the given lengths."""
+    # segment sums are sequential per segment: deterministic on CUDA, unlike atomic index_add_
+    loss = torch.segment_reduce(nll.double(), "sum", lengths=lengths, unsafe=True)  # (R,)
     # g~_k = (sum_{t in k} q_t) @ W - sum_{t in k} a_t W[y_t]
     proxy = (torch.segment_reduce(q, "sum", lengths=lengths, unsafe=True) @ head_weight
              - torch.segment_reduce(a.unsqueeze(-1) * head_weight[targets], "sum", lengths=lengths, unsafe=True))
+    return loss, proxy
+
+
+def chunked_span_sums(hidden: torch.Tensor, targets: torch.Tensor, layout: dict[str, torch.Tensor], head,
+                      head_weight: torch.Tensor, chunk_pieces: list[int], *, softcap: float | None = None,
+                      chunk: int = LOGIT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(span loss (S,) f64, g~ (S, d)) with logits = head(hidden) for at most `chunk` loss slots at a time.
+
+    hidden (N, d) as the decoder gave it, chunk_pieces the host copy of layout["chunk_pieces"] (loss_layout
+    with the same chunk). Pieces of one chunk are distinct spans, so each chunk adds into its spans' rows
+    with a plain indexed add, no atomics: the same numbers as the unchunked sums up to summation order.
+    """
+    n_spans = len(layout["span_lengths"])
+    span_loss = hidden.new_zeros(n_spans, dtype=torch.float64)  # (S,)
+    proxy = head_weight.new_zeros(n_spans, head_weight.shape[1])  # (S, d)
+    for c, start in enumerate(range(0, len(targets), chunk)):
+        pieces = slice(chunk_pieces[c], chunk_pieces[c + 1])
+        y = targets[start:start + chunk]  # (C,)
+        nll, q, a = _token_deltas(head(hidden[start:start + chunk]), y, softcap)  # (C,), (C, V), (C,)
+        loss, g = _run_sums(nll, q, a, y, layout["piece_lengths"][pieces], head_weight)  # (P_c,), (P_c, d)
+        rows = layout["piece_span"][pieces]  # (P_c,) distinct
+        span_loss[rows] += loss
+        proxy[rows] += g
+    return span_loss, proxy
+
+
+def _summaries(span_loss: torch.Tensor, proxy: torch.Tensor, layout: dict[str, torch.Tensor],
+               head_gram: torch.Tensor | None = None) -> SpanSummaries:
+    batch, spans, _ = layout["span_onehot"].shape
     proxy_pad = _padded(proxy, layout["span_slot"], (batch, spans), torch.float64)  # (B, k, d)
     proxy_gram = torch.bmm(proxy_pad, proxy_pad.transpose(1, 2))  # (B, k, k)
+    return SpanSummaries(_padded(span_loss, layout["span_slot"], (batch, spans)), proxy, proxy_gram, head_gram)
+
+
+def span_summaries(h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, layout: dict[str, torch.Tensor],
+                   head_weight: torch.Tensor, *, softcap: float | None = None,
+                   head_dtype: torch.dtype | None = None) -> SpanSummaries:
+    """Per-span loss, proxy and Grams from the N flat loss slots of a batch (layout: loss_layout on device).
+
+    h (N, d) fp32 hidden states, logits (N, V) raw head outputs, targets (N,), head_weight (V, d) fp32;
+    head_dtype None skips the head Gram.
+    """
+    batch, spans, slots = layout["span_onehot"].shape
+    nll, q, a = _token_deltas(logits, targets, softcap)  # (N,), (N, V), (N,)
+    span_loss, proxy = _run_sums(nll, q, a, targets, layout["span_lengths"], head_weight)  # (S,), (S, d)
     head_gram = None
     if head_dtype is not None:
         q_pad = _padded(q, layout["slot_pad"], (batch, slots), head_dtype)  # (B, n, V)
@@ -140,7 +200,7 @@ def span_summaries(h: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
         pair = (delta_dot * torch.bmm(h_pad, h_pad.transpose(1, 2))).double()  # (B, n, n) (delta.delta)(h.h)
         onehot = layout["span_onehot"].double()  # (B, k, n); zero on padded slots
         head_gram = torch.bmm(torch.bmm(onehot, pair), onehot.transpose(1, 2))  # (B, k, k)
-    return SpanSummaries(_padded(span_loss, layout["span_slot"], (batch, spans)), proxy, proxy_gram, head_gram)
+    return _summaries(span_loss, proxy, layout, head_gram)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +285,10 @@ class ProxyModel:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.head(hidden)  # (C, V)
+
     def _check_logits(self) -> None:
         """Refuse a model whose logits are not head(h) (up to the known soft-cap): the proxy would be wrong."""
         ids = torch.tensor([self.tokenizer("Probe: 12 + 30 = 42.")["input_ids"]], device=self.device)
@@ -239,8 +303,9 @@ class ProxyModel:
 
     def launch(self, traces: list[EncodedTrace], head_variant: bool) -> PendingBatch:
         """Queue one forward pass and the span summaries of a batch; no host sync on CUDA."""
-        batch = {name: tensor.to(self.device, non_blocking=True)
-                 for name, tensor in collate(traces, self.pad_id, pin=self.cuda).items()}
+        host = collate(traces, self.pad_id, pin=self.cuda)
+        chunk_pieces = host["chunk_pieces"].tolist()  # host side: the chunk loop needs no device sync
+        batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
         self.forward_calls += 1
         with torch.inference_mode():
             with self._autocast():
@@ -251,9 +316,14 @@ class ProxyModel:
                 # the question's mean state, for clustering problems: a by-product of this same forward
                 prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())  # (B, d)
                 hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head
-                logits = self.head(hidden)  # (N, V)
-            summaries = span_summaries(hidden.float(), logits, batch["targets"], batch, self.head_weight,
-                                       softcap=self.softcap, head_dtype=self.head_dtype if head_variant else None)
+                logits = self.head(hidden) if head_variant else None  # (N, V): the head Gram needs all at once
+            if head_variant:
+                summaries = span_summaries(hidden.float(), logits, batch["targets"], batch, self.head_weight,
+                                           softcap=self.softcap, head_dtype=self.head_dtype)
+            else:  # bounded memory for long traces: (LOGIT_CHUNK, V) logits at a time
+                summaries = _summaries(*chunked_span_sums(hidden, batch["targets"], batch, self._logits,
+                                                          self.head_weight, chunk_pieces, softcap=self.softcap),
+                                       batch)
             results = {"span_loss": summaries.span_loss, "proxy_gram": summaries.proxy_gram,
                        "prompt_embedding": prompt_embedding}
             if summaries.head_gram is not None:

@@ -3,6 +3,11 @@
 - jsonl: read as bytes line by line and decoded strictly as UTF-8, so one bad line costs one record
   (undecodable_bytes, malformed_json, not_object go to the ledger); blank lines are skipped and
   counted as `blank_lines`, not as read. source_row = 0-based line number (blank lines included).
+- json: one JSON array of objects (Alpaca's alpaca.json, export's own output), parsed whole;
+  source_row = 0-based index in the array; an element that is not an object is quarantined
+  (not_object). A file that is not a JSON array is an error naming what it holds. With format auto
+  a .json file is read as json when its first non-blank character is "[", else as JSON Lines (many
+  hubs ship JSON Lines under .json).
 - parquet: row batches of a Parquet file; hf_disk: a `datasets.save_to_disk` directory (a
   DatasetDict only with exactly one split). source_row = 0-based row index.
 Only one batch of rows is ever decoded to Python objects at a time.
@@ -51,6 +56,29 @@ def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]
             yield row, record
 
 
+def _json_array_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
+    try:
+        document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a JSON document ({err}); for JSON Lines set ingest.format: jsonl") from err
+    if not isinstance(document, list):
+        held = f"an object with keys {sorted(document)[:10]}" if isinstance(document, dict) else type(document).__name__
+        raise ValueError(f"{path}: ingest.format json needs a JSON array of records, the file holds {held}")
+    for row, record in enumerate(document):
+        ledger.count_read()
+        if not isinstance(record, dict):
+            ledger.reject("not_object", f"a JSON {type(record).__name__}, not an object", source_row=row,
+                          record=json.dumps(record, ensure_ascii=False))
+            continue
+        yield row, record
+
+
+def _first_character(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    return head[:1]
+
+
 def _arrow_records(batches: Iterator[pa.RecordBatch | pa.Table], ledger: StageLedger) -> Iterator[tuple[int, dict]]:
     row = 0
     for batch in batches:
@@ -77,12 +105,16 @@ def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[in
     if not path.exists():
         raise FileNotFoundError(f"ingest input {path} does not exist")
     if fmt == "auto":
-        suffixes = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+        suffixes = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
         fmt = "hf_disk" if path.is_dir() else suffixes.get(path.suffix.lower(), "")
+        if fmt == "json" and _first_character(path) != b"[":
+            fmt = "jsonl"
         if not fmt:
-            raise ParamsError(f"ingest.format: cannot tell the format of {path}; set jsonl, parquet or hf_disk")
+            raise ParamsError(f"ingest.format: cannot tell the format of {path}; set jsonl, json, parquet or hf_disk")
     if fmt == "jsonl":
         return _jsonl_records(path, ledger)
+    if fmt == "json":
+        return _json_array_records(path, ledger)
     if fmt == "parquet":
         return _arrow_records(pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS), ledger)
     return _arrow_records(_hf_batches(path), ledger)

@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tasks import svgplot
+from tasks.select import per_question_text
 from tasks.stage import ParamsError, StageLedger, atomic_write_bytes, atomic_write_text, run_stage
 
 STAGE_ORDER = ("ingest", "segment", "model", "extract", "unconditional", "score", "aggregate", "select", "validate",
@@ -229,8 +230,10 @@ def report(outputs: Path, out_dir: Path, params: Params) -> dict:
     first_step = read_json(outputs / "score/stats.json").get("first_step", "alpha")
     header = {"settings": run_settings(outputs), "model": read_json(outputs / "model/model_info.json"),
               "validation": read_json(outputs / "validate/results.json"), "first_step": first_step}
+    manifest = json.loads((outputs / "select/manifest.json").read_text(encoding="utf-8"))
+    per_question = {name: entry.get("responses_per_question") for name, entry in manifest["subsets"].items()}
     html = page(read_stage_stats(outputs, skip=out_dir), subsets, thresholds, len(score_of), charts,
-                svgplot.colour_legend(limit, "step score"), rendered, header)
+                svgplot.colour_legend(limit, "step score"), rendered, header, per_question)
     atomic_write_text(out_dir / "report.html", html)
     ledger.extra.update({"examples_kept": len(rendered.get("kept", [])),
                          "examples_rejected": len(rendered.get("rejected", [])), "scatter_points": len(alpha)})
@@ -286,8 +289,11 @@ def header_html(header: dict[str, Any]) -> str:
 
 
 def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds: dict[str, float], n_scored: int,
-         charts: list[str], legend: str, rendered: dict[str, list[str]], header: dict[str, Any]) -> str:
-    subset_rows = "".join(f"<tr><td>{escape(n)}</td><td>{len(ids)}</td><td>{_num(thresholds.get(n))}</td></tr>"
+         charts: list[str], legend: str, rendered: dict[str, list[str]], header: dict[str, Any],
+         per_question: dict[str, dict[str, int] | None] | None = None) -> str:
+    per_question = per_question or {}
+    subset_rows = "".join(f"<tr><td>{escape(n)}</td><td>{len(ids)}</td><td>{_num(thresholds.get(n))}</td>"
+                          f'<td class="text">{per_question_text(per_question.get(n))}</td></tr>'
                           for n, ids in sorted(subsets.items(), key=lambda kv: len(kv[1])))
     traces = "".join(f"<h3>{group.capitalize()} ({len(items)})</h3>" + "".join(items)
                      for group, items in rendered.items())
@@ -302,7 +308,8 @@ def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds:
 <style>{CSS}</style></head><body><h1>GRACE curation report</h1>
 <p>{n_scored} traces scored.</p>
 {header_html(header)}
-<h2>Subsets</h2><table><tr><th>subset</th><th>size</th><th>lowest kept score</th></tr>{subset_rows}</table>
+<h2>Subsets</h2><table><tr><th>subset</th><th>size</th><th>lowest kept score</th>
+<th>responses per question (responses x questions)</th></tr>{subset_rows}</table>
 <h2>Per-stage counts</h2>{stage_rows(stats)}
 <h2>Distributions</h2>{figures}
 <h2>Example traces</h2><p>Steps coloured by step score and numbered; the table under each trace gives every

@@ -31,8 +31,8 @@ TRACE_FIELDS = [
     pa.field("question", pa.string(), nullable=False),  # last user turn, for display
     pa.field("prompt_messages", pa.string(), nullable=False),  # JSON [{"role","content"}...] before the response
     pa.field("response", pa.string(), nullable=False),  # the reasoning trace incl. final-answer line
-    pa.field("final_answer", pa.string(), nullable=False),  # extracted answer value, e.g. "115"
-    pa.field("answer_source", pa.string(), nullable=False),  # field | gsm8k | answer_is | boxed
+    pa.field("final_answer", pa.string(), nullable=False),  # extracted answer value, e.g. "115"; "" if none
+    pa.field("answer_source", pa.string(), nullable=False),  # field | gsm8k | answer_is | boxed | choice | none
     pa.field("raw", pa.string(), nullable=False),  # the input record as JSON, to write subsets in its own format
 ]
 TRACE_SCHEMA = pa.schema(TRACE_FIELDS)
@@ -46,6 +46,9 @@ SPAN_FIELDS = [
     pa.field("answer_start", pa.int32(), nullable=False),
     pa.field("answer_end", pa.int32(), nullable=False),
     pa.field("n_steps", pa.int32(), nullable=False),
+    # The rule that placed the answer span: marker | field | last_sentence | last_step (segment.answer_fallback).
+    # Segment always writes it; nullable so tables built before the column existed still cast.
+    pa.field("answer_span_source", pa.string(), nullable=True),
 ]
 SEGMENT_SCHEMA = pa.schema(TRACE_FIELDS + SPAN_FIELDS)
 

@@ -10,6 +10,10 @@ ranking: it stops at the first trace whose response tokens would overflow the bu
 kept trace outranks every dropped one (packing shorter traces past that point would select by
 length, not by score). With `stratify_by`, each stratum gets its share of every subset
 (largest-remainder counts; a budget split by the strata's trace counts) and is filled best-first.
+With `max_per_question` (several responses per question, as rejection sampling gives), only the
+best-ranked responses of each question (same prompt turns) up to the cap can be selected; fractions
+and budgets then count the traces left. Every subset's manifest entry has its responses-per-question
+histogram, and ranking.parquet each trace's question key, for the report and `grace diff`.
 
 With `within_clusters` the strata are the cluster stage's problem clusters (combined with
 `stratify_by` if both are set): each cluster keeps its share of every subset, filled by score.
@@ -49,6 +53,7 @@ RANKING_SCHEMA = pa.schema(
         pa.field("score", pa.float64(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),  # 1 = best
         pa.field("selected_in", pa.list_(pa.string()), nullable=False),  # subset names holding this trace
+        pa.field("question", pa.string(), nullable=True),  # question_key of its prompt; null if not in segments
     ]
 )
 
@@ -59,8 +64,12 @@ class Params:
     token_budget: int | None = None  # also one subset whose response tokens fit this budget
     stratify_by: str | None = None  # a field of the input record; each stratum keeps its share
     within_clusters: bool = False  # each problem cluster (cluster stage) keeps its share of every subset
+    max_per_question: int | None = None  # at most this many responses per question (best first); null = no cap
 
     def check(self) -> None:
+        if self.max_per_question is not None and (isinstance(self.max_per_question, bool) or not isinstance(
+                self.max_per_question, int) or self.max_per_question < 1):
+            raise ParamsError(f"select.max_per_question: {self.max_per_question!r} is not a positive integer or null")
         for fraction in self.fractions:
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
                 raise ParamsError(f"select.fractions: {fraction!r} is not a number in (0, 1]")
@@ -131,6 +140,22 @@ def stratum_of(raw: str, field: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def question_key(prompt_messages: str) -> str:
+    """The question a response answers: its prompt turns (system turn included), as 16 hex of sha256."""
+    return sha256_hex(prompt_messages.encode("utf-8"))[:16]
+
+
+def per_question(questions: list[str | None]) -> dict[str, int]:
+    """{k: number of questions with k responses} over the given question keys (JSON keys: strings)."""
+    histogram = Counter(Counter(questions).values())
+    return {str(k): histogram[k] for k in sorted(histogram)}
+
+
+def per_question_text(histogram: dict[str, int] | None) -> str:
+    """A per_question histogram as "1 x 40, 2 x 3" (responses x questions); "-" for none."""
+    return ", ".join(f"{k} x {n}" for k, n in histogram.items()) if histogram else "-"
+
+
 def read_scores(sample_scores: Path) -> tuple[dict[str, list], str]:
     """The scored traces as columns, refusing what cannot be ranked; plus their one score method."""
     scores = pq.read_table(sample_scores, columns=["id", "score", "method", "n_tokens"]).to_pydict()
@@ -191,8 +216,9 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
     """
     scores, method = read_scores(sample_scores)
     ids, n = scores["id"], len(scores["id"])
-    segment_table = pq.read_table(segments, columns=["id", "raw"]).to_pydict()
+    segment_table = pq.read_table(segments, columns=["id", "raw", "prompt_messages"]).to_pydict()
     raw_by_id = dict(zip(segment_table["id"], segment_table["raw"]))
+    question_of = {i: question_key(p) for i, p in zip(segment_table["id"], segment_table["prompt_messages"])}
     if clusters is None and params.within_clusters:
         raise ValueError("select.within_clusters needs the cluster stage's clusters.parquet (--clusters)")
     cluster_of = {} if clusters is None else read_clusters(clusters)
@@ -202,13 +228,24 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
                          f"(e.g. {unclustered[:5]}); rerun the cluster stage on the same extract output")
 
     ranked = rank_order(ids, scores["score"])
-    strata: dict[str, list[int]] = {"all": ranked}
+    eligible = ranked
+    if params.max_per_question is not None:
+        missing = [i for i in ids if i not in question_of]
+        if missing:
+            raise ValueError(f"select: cannot cap per question, {len(missing)} scored ids are not in {segments}")
+        taken: Counter[str] = Counter()
+        eligible = []
+        for row in ranked:  # the best-ranked responses of each question, up to the cap
+            taken[question_of[ids[row]]] += 1
+            if taken[question_of[ids[row]]] <= params.max_per_question:
+                eligible.append(row)
+    strata: dict[str, list[int]] = {"all": eligible}
     if params.stratify_by is not None or params.within_clusters:
         missing = [i for i in ids if i not in raw_by_id]
         if missing:
             raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in {segments}: {missing[:5]}")
         strata = {}
-        for row in ranked:  # each stratum's list stays in rank order
+        for row in eligible:  # each stratum's list stays in rank order
             parts = [] if params.stratify_by is None else [stratum_of(raw_by_id[ids[row]], params.stratify_by)]
             if params.within_clusters:
                 parts.append(f"cluster-{cluster_of[ids[row]]}")
@@ -229,6 +266,7 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
             "score_threshold": scores["score"][rows[-1]] if rows else None,  # lowest kept score
             "method": method,
             "n_clusters_covered": len({cluster_of[i] for i in chosen}) if cluster_of else None,
+            "responses_per_question": per_question([question_of.get(i) for i in chosen]),
         }
         if params.stratify_by is not None:
             strata_counts = Counter(stratum_of(raw_by_id[i], params.stratify_by) for i in chosen)
@@ -246,6 +284,7 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
         "score": [scores["score"][row] for row in ranked],
         "rank": list(range(1, n + 1)),
         "selected_in": [selected_in[row] for row in ranked],
+        "question": [question_of.get(ids[row]) for row in ranked],
     }
     write_parquet(subsets_dir / "ranking.parquet", pa.table(ranking, schema=RANKING_SCHEMA))
     manifest = {
@@ -254,6 +293,9 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
         "stratify_by": params.stratify_by,
         "within_clusters": params.within_clusters,
         "n_clusters": len(set(cluster_of.values())) if cluster_of else None,
+        "max_per_question": params.max_per_question,
+        "n_capped": n - len(eligible),  # responses past max_per_question: never selected
+        "responses_per_question": per_question([question_of.get(i) for i in ids]),  # of the scored traces
         "n_selected": {name: entry["n_selected"] for name, entry in manifest_subsets.items()},
         "subsets": manifest_subsets,
     }

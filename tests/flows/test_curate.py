@@ -68,7 +68,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
         lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == stats[stage]["quarantined"]
     assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
-            "quarantined_no_answer": 1}.items() <= stats["ingest"].items()
+            "quarantined_no_assistant_turn": 1}.items() <= stats["ingest"].items()
     assert (stats["segment"]["read"], stats["segment"]["kept"], stats["segment"]["quarantined_no_steps"]) == (5, 4, 1)
 
     # Each stage reads what the one before it kept, and its table holds that many traces.
@@ -106,7 +106,7 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert artifact.type == "markdown"
     markdown = artifact.data
     assert markdown == summary_markdown(state.result())
-    assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_answer: 1 |" in markdown
+    assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_assistant_turn: 1 |" in markdown
     assert "| segment | 5 | 4 | 1 | no_steps: 1 |" in markdown
     top50 = read_json(root / "outputs" / "select" / "manifest.json")["subsets"]["top50pct"]
     tokens, threshold = top50["n_tokens"], top50["score_threshold"]
@@ -169,7 +169,7 @@ def test_tasks_run_the_stage_functions(tmp_path, tiny_model_dir):
     ingest_stats = ingest_task.fn(root / "data" / "gsm_noisy" / "pool.jsonl", tmp_path / "ingest", params)
     assert (ingest_stats["read"], ingest_stats["kept"]) == (8, 5)
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "ingest" / "quarantine.jsonl").open()]
-    assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_answer"]
+    assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_assistant_turn"]
 
     # The section is read from the file: a changed setting changes what the stage does.
     document = yaml.safe_load(params.read_text())
@@ -188,8 +188,10 @@ def test_stage_paths_are_dvc_yaml_paths():
     """The flow passes each core function exactly the paths dvc.yaml's command passes its CLI."""
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(dvc_stages) == STAGES
-    for stage, paths in stage_paths("data/gsm_noisy/pool.jsonl", "outputs").items():
-        argv = shlex.split(dvc_stages[stage]["cmd"])
+    pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
+    assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
+    for stage, paths in stage_paths(pool, "outputs").items():
+        argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)
         assert argv[:3] == ["python", "-m", f"tasks.{stage}"]
         flags = dict(zip(argv[3::2], argv[4::2]))
         assert flags == {f"--{name.replace('_', '-')}": path.as_posix() for name, path in paths.items()}, stage

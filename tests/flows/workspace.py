@@ -28,8 +28,8 @@ DATA_DOCS = "validate/data_docs/"
 POOL_LINES = [json.dumps(row, ensure_ascii=False) for row in GSM_ROWS] + [
     json.dumps({"id": "gsm-d", "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
                 "answer": "He starts with 3 apples.\nThen 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}),
-    json.dumps({"id": "gsm-no-answer", "question": "How many legs do 2 cats have?",
-                "answer": "Each cat has 4 legs.\nSo 2 cats have 8 legs."}),  # ingest: no_answer
+    # ingest: no_assistant_turn (a response without an answer marker is kept now: segment's answer_fallback)
+    json.dumps({"id": "gsm-no-answer", "messages": [{"role": "user", "content": "How many legs do 2 cats have?"}]}),
     '{"id": "gsm-broken", "question": "Half a record',  # ingest: malformed_json
     json.dumps({"id": "gsm-no-steps", "question": "What is 2 + 3?", "answer": "#### 5"}),  # segment: no_steps
     json.dumps(GSM_ROWS[0]),  # ingest: duplicate_id

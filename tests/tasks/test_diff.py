@@ -175,3 +175,18 @@ def test_traces_crossing_a_subset_boundary_are_explained_with_their_steps(tmp_pa
     t = first["traces"][0]
     assert f"`{t['id']}` {t['direction']}: rank {t['rank_a']} -> {t['rank_b']}" in text
     assert f"| 1 | Step 1: {t['id']} adds 0 + 0 = 0. |" in text  # step 1 is the first step, as in the report
+
+
+def test_responses_kept_per_question_on_each_side():
+    from tasks.diff import Version, to_markdown
+
+    questions = {"a1": "qa", "a2": "qa", "a3": "qa", "b1": "qb", "c1": "qc"}
+    a = Version("A", {}, {"top": ["a1", "a2", "a3", "b1"]}, {i: 1.0 for i in questions}, None, questions=questions)
+    b = Version("B", {}, {"top": ["a1", "b1", "c1"]}, {i: 1.0 for i in questions}, None,
+                questions=questions)
+    (subset,) = diff_versions(a, b)["subsets"]
+    assert (subset["per_question_a"], subset["per_question_b"]) == ({"1": 1, "3": 1}, {"1": 3})
+    assert "| top | 4 | 3 | 1 | 2 | 0.4 | 1 x 1, 3 x 1 | 1 x 3 |" in to_markdown(diff_versions(a, b))
+    # a version whose ranking predates question keys shows none, rather than a wrong count
+    old = Version("old", {}, {"top": ["a1"]}, {"a1": 1.0}, None)
+    assert diff_versions(old, b)["subsets"][0]["per_question_a"] is None

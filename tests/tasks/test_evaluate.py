@@ -22,12 +22,30 @@ PATTERNS = ("gsm8k", "answer_is", "boxed")
     ("-3", "-3.0", True),
     ("\\frac{1}{2}", "\\frac{1}{2}", True),
     ("10", "11", False),
-    ("72 clips", "72", False),  # exact match: a unit word is not the number
     ("1,2", "12", False),  # not a thousands separator
-    ("x = 3", "3", False),
+    # equivalent math (math-verify): the value counts, not its spelling
+    ("72 clips", "72", True),
+    ("x = 3", "3", True),
+    ("2/4", "0.5", True),
+    ("\\frac{1}{2}", "1/2", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("1,000", "1000", True),
+    ("\\sqrt{4}", "2", True),
+    ("1/3", "0.33", False),
+    ("B", "50", False),
 ])
 def test_answers_match_after_numeric_normalisation(predicted, gold, same):
     assert evaluate.answers_match(predicted, gold) is same
+
+
+@pytest.mark.parametrize("predicted, gold, same", [
+    ("B", "B", True), ("50 km/h", "B", True), ("B", "50 km/h", True), ("50", "B", True),  # 50 km/h as math
+    ("C", "B", False), ("40 km/h", "B", False), ("(B)", "B", True),
+])
+def test_a_letter_and_its_option_text_compare_equal(predicted, gold, same):
+    options = evaluate.options_of("A car covers 150 km in 3 h. Speed?\nA) 40 km/h\nB) 50 km/h\n(C) 60 km/h")
+    assert options == {"A": "40 km/h", "B": "50 km/h", "C": "60 km/h"}
+    assert evaluate.answers_match(predicted, gold, options) is same
 
 
 def test_score_generations_reads_answers_like_ingest_and_counts_misses_as_wrong():

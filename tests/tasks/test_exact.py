@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tasks.exact import ExactModel, ExactSpec, gram_float64
 from tasks.proxy import ProxyModel
-from tasks.segment import segment_text
+from tasks.segment import Params as SegmentParams, segment_text
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
 
 
@@ -19,7 +19,7 @@ def encode_rows(tokenizer, rows) -> list[EncodedTrace]:
     """The conftest GSM rows as extract encodes them (chat template, newline steps, #### answer)."""
     triples = []
     for row in rows:
-        steps, answer = segment_text(row["answer"], "gsm8k", "newline")
+        steps, answer, _ = segment_text(row["answer"], "gsm8k", SegmentParams(strategy="newline"))
         prompt = json.dumps([{"role": "user", "content": row["question"]}])
         triples.append((prompt, row["answer"], trace_spans([s for s, _ in steps], [e for _, e in steps], *answer)))
     encoded = encode_traces(tokenizer, triples, chat_template=True, max_length=512)

@@ -35,19 +35,24 @@ def test_every_format_round_trips_to_the_source_rows(outputs):
             trace = traces[record["id"]]
             assert record["messages"][:-1] == json.loads(trace["prompt_messages"])
             assert record["messages"][-1] == {"role": "assistant", "content": trace["response"]}
+        pairs = [json.loads(line) for line in (folder / "prompt_completion.jsonl").read_text().splitlines()]
+        assert [p["id"] for p in pairs] == ids
+        for pair, record in zip(pairs, messages):  # the same conversation, cut where the loss starts
+            assert pair["prompt"] == record["messages"][:-1] and pair["completion"] == record["messages"][-1:]
         alpaca = json.loads((folder / "alpaca.json").read_text())
         assert len(alpaca) == len(ids)
         for record, id_ in zip(alpaca, ids):
             prompt = json.loads(traces[id_]["prompt_messages"])
-            system = prompt[0]["content"] if prompt[0]["role"] == "system" else ""
-            assert record == {"instruction": traces[id_]["question"], "input": system, "output": traces[id_]["response"]}
+            system = {"system": prompt[0]["content"]} if prompt[0]["role"] == "system" else {}
+            assert record == {"instruction": traces[id_]["question"], "input": "", "output": traces[id_]["response"],
+                              **system}
         table = pq.read_table(folder / "data.parquet")
         assert table.schema.equals(EXPORT_SCHEMA)
         for row, id_ in zip(table.to_pylist(), ids):
             assert row["id"] == id_ and row["response"] == traces[id_]["response"]
             assert row["prompt_messages"] == json.loads(traces[id_]["prompt_messages"])
             assert (row["score"], row["rank"]) == (ranking[id_]["score"], ranking[id_]["rank"])
-    n_rows = sum(len(ids) for ids in built["subsets"].values()) * 3
+    n_rows = sum(len(ids) for ids in built["subsets"].values()) * 4
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (n_rows, n_rows, 0)
     assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in built["subsets"]["top20pct"])
 
@@ -100,4 +105,7 @@ def test_params_and_alpaca_shapes():
         params_from_dict(Params, "export", {"formats": ["messages", "sharegpt"]})
     assert params_from_dict(Params, "export", {"formats": ["alpaca"]}).formats == ("alpaca",)
     assert to_alpaca([{"role": "user", "content": "q"}], "q", "r") == {"instruction": "q", "input": "", "output": "r"}
+    # the system prompt is Alpaca's `system` column, never the problem's `input`
+    assert to_alpaca([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "q", "r") == {
+        "instruction": "q", "input": "", "output": "r", "system": "s"}
     assert to_alpaca([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], "q", "r") is None

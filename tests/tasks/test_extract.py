@@ -62,7 +62,8 @@ def segments(tmp_path, gsm_rows) -> Path:
 
 
 def params(tmp_path: Path, **overrides) -> Params:
-    base = dict(device="cpu", shard_size=SHARD, max_length=120, cache_dir=str(tmp_path / "cache"))
+    # head_variant on: these tests check the head Gram too (the default is off, for long traces)
+    base = dict(device="cpu", shard_size=SHARD, max_length=120, cache_dir=str(tmp_path / "cache"), head_variant=True)
     return dataclasses.replace(Params(), **{**base, **overrides})
 
 

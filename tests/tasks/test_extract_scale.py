@@ -73,6 +73,9 @@ def assert_same_numbers(actual: pa.Table, expected: pa.Table) -> None:
         got, want = actual.column(name).to_pylist(), expected.column(name).to_pylist()
         if name in ("span_loss_sums", "proxy_gram", "head_gram"):
             for a, b in zip(got, want):
+                if a is None or b is None:  # head_gram with the head variant off
+                    assert a is None and b is None, name
+                    continue
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
         else:
             assert got == want, name

@@ -80,6 +80,10 @@ def test_evaluation_problems_are_sorted_by_id_and_parsed(tmp_path):
     problems = evaluation_problems(tmp_path / "t.parquet")
     assert [p["id"] for p in problems] == [f"p{i}" for i in range(10)]
     assert problems[3]["prompt_messages"] == [{"role": "user", "content": "3"}]
+    rows[4]["final_answer"] = ""  # ingest keeps a response with no answer marker; a test problem needs one
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match=r"1 held-out problems have no gold answer .*\['p3'\]"):
+        evaluation_problems(tmp_path / "t.parquet")
 
 
 def test_run_key_changes_with_what_the_numbers_depend_on():

@@ -111,7 +111,7 @@ def test_every_bad_record_kind_is_quarantined_with_its_reason(tmp_path, gsm_rows
         "missing_field": json.dumps({"id": "x3", "answer": "#### 1"}).encode(),
         "empty_field": json.dumps({"id": "x4", "question": "q?", "answer": "  \n"}).encode(),
         "wrong_type": json.dumps({"id": "x5", "question": ["q"], "answer": "#### 1"}).encode(),
-        "no_answer": json.dumps({"id": "x6", "question": "q?", "answer": "I do not know"}).encode(),
+        "unknown_role": json.dumps({"id": "x6", "messages": [{"from": "robot", "value": "q"}]}).encode(),
         "duplicate_id": json.dumps({"id": "gsm-a", "question": "again?", "answer": "#### 2"}).encode(),
         "no_assistant_turn": json.dumps({"id": "x7", "messages": [{"role": "user", "content": "hi"}]}).encode(),
     }
@@ -234,3 +234,99 @@ def test_cli_runs_the_stage(tmp_path, gsm_rows):
     with pytest.raises(ParamsError, match="ingest.format"):
         main(["--input", str(tmp_path / "pool.txt"), "--out-dir", str(tmp_path / "x"),
               "--params", str(REPO / "params.yaml")])
+
+
+# ---- the layouts people hold (params.yaml ingest.preset; README "Your own data") ------------------
+def test_alpaca_input_is_part_of_the_question_and_a_json_array_is_read_as_json(tmp_path):
+    rows = [{"instruction": "Solve.", "input": "What is 2+2?", "output": "2+2 = 4\n#### 4"},
+            {"instruction": "What is 3+3?", "input": "", "output": "3+3 = 6\n#### 6"},
+            "not a record"]
+    (tmp_path / "alpaca.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    stats = ingest(tmp_path / "alpaca.json", tmp_path / "out", Params(preset="alpaca"))
+    table = pq.read_table(tmp_path / "out" / "traces.parquet")
+    assert table.column("question").to_pylist() == ["Solve.\n\nWhat is 2+2?", "What is 3+3?"]
+    assert [q["reason"] for q in read_jsonl(tmp_path / "out" / "quarantine.jsonl")] == ["not_object"]
+    assert (stats["read"], stats["kept"], stats["preset"]) == (3, 2, "alpaca")
+    # JSON Lines under a .json name stays readable; a JSON object is no record list and says what it holds
+    write_jsonl(tmp_path / "lines.json", rows[:2])
+    assert ingest(tmp_path / "lines.json", tmp_path / "out2", Params(preset="alpaca"))["kept"] == 2
+    (tmp_path / "object.json").write_text(json.dumps({"data": rows}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"JSON array .* keys \['data'\]"):
+        ingest(tmp_path / "object.json", tmp_path / "out3", Params(format="json"))
+
+
+def test_sharegpt_and_llava_conversations(tmp_path):
+    rows = [{"id": "s1", "conversations": [{"from": "system", "value": "Be brief."},
+                                           {"from": "human", "value": "<image>\nHow many bars?"},
+                                           {"from": "gpt", "value": "I count them.\nThere are 3 bars."}]},
+            {"id": "s2", "conversations": [{"from": "human", "value": "hi"}]},
+            {"id": "s3", "conversations": [{"speaker": "human", "text": "hi"}]}]
+    stats, table, quarantine = run(tmp_path, rows, Params(preset="sharegpt"))
+    (trace,) = table.to_pylist()
+    assert json.loads(trace["prompt_messages"]) == [{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "<image>\nHow many bars?"}]
+    assert (trace["response"], trace["answer_source"], trace["final_answer"]) == (
+        "I count them.\nThere are 3 bars.", "none", "")
+    assert [q["reason"] for q in quarantine] == ["no_assistant_turn", "wrong_type"]
+    assert "conversations[0] is ['speaker', 'text']" in quarantine[1]["detail"]
+    # without the preset the record is not silently dropped: the detail names the field and the preset
+    _, _, quarantine = run(tmp_path / "plain", rows[:1])
+    assert "'conversations'" in quarantine[0]["detail"] and "ingest.preset: sharegpt" in quarantine[0]["detail"]
+
+
+def test_metamath_answer_is_colon(tmp_path):
+    rows = [{"query": "3 packs of 12, 10 given away?", "response": "3 x 12 = 36.\n36 - 10 = 26.\nThe answer is: 26",
+             "type": "GSM_Rephrased"}]
+    _, table, _ = run(tmp_path, rows, Params(preset="metamath"))
+    assert table.column("question").to_pylist() == ["3 packs of 12, 10 given away?"]
+    assert (table.column("final_answer")[0].as_py(), table.column("answer_source")[0].as_py()) == ("26", "answer_is")
+
+
+def test_numina_generations_become_one_trace_each(tmp_path):
+    rows = [{"uuid": "p1", "problem": "1+1?", "solution": "So $\\boxed{2}$.", "messages": [{"role": "user", "content": "x"}],
+             "generations": ["<think>\n1+1.\n</think>\n1+1 is $\\boxed{2}$.", None, "", "Two, $\\boxed{2}$."]},
+            {"uuid": "p2", "problem": "2+2?", "solution": "Add: $\\boxed{4}$."},
+            {"uuid": "p3", "problem": "3+3?", "solution": "6", "generations": []}]
+    stats, table, quarantine = run(tmp_path, rows, Params(preset="numina"))
+    assert table.column("id").to_pylist() == ["p1-0", "p1-3", "p2"]
+    assert table.column("final_answer").to_pylist() == ["2", "2", "4"]
+    assert json.loads(table.column("raw")[0].as_py())["generations"] == [rows[0]["generations"][0]]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("p1-1", "null_generation"), ("p1-2", "empty_field"),
+                                                           ("p3", "empty_field")]
+    assert (stats["read"], stats["kept"], stats["generations_expanded"]) == (6, 3, 3)  # 4 + 1 + 1 reads
+
+
+def test_multiple_choice_options_and_letters(tmp_path):
+    rows = [{"question": "Speed of 150 km in 3 h?", "options": ["A) 40", "B) 50"], "rationale": "150/3 = 50.\nAnswer: (B)",
+             "correct": "B"},
+            {"question": "20% of 250?", "options": {"A": "25", "B": "50"}, "rationale": "0.2 x 250 = 50.\nSo B.",
+             "correct": None},
+            {"question": "Prime?", "options": ["21", "29"], "rationale": "21 = 3 x 7.\nThe correct option is B.",
+             "correct": "(B)"}]
+    _, table, _ = run(tmp_path, rows, Params(preset="multiple_choice"))
+    assert table.column("question").to_pylist() == ["Speed of 150 km in 3 h?\nA) 40\nB) 50", "20% of 250?\nA) 25\nB) 50",
+                                                    "Prime?\nA) 21\nB) 29"]
+    assert table.column("final_answer").to_pylist() == ["B", "", "B"]
+    assert table.column("answer_source").to_pylist() == ["field", "none", "field"]
+
+
+def test_presets_fill_only_the_keys_left_at_their_defaults():
+    assert Params(preset="alpaca").resolved().question_fields == ("instruction",)
+    assert Params(preset="alpaca", question_fields=("task",)).resolved().question_fields == ("task",)
+    with pytest.raises(ParamsError, match="ingest.preset"):
+        params_from_dict(Params, "ingest", {"preset": "dolly"})
+
+
+@pytest.mark.parametrize("name, preset, kept, reasons", [
+    ("messages.jsonl", "messages", 4, ["no_assistant_turn"]),
+    ("sharegpt.jsonl", "sharegpt", 3, ["no_assistant_turn"]),
+    ("alpaca.json", "alpaca", 3, ["empty_field"]),
+    ("metamath.jsonl", "metamath", 4, []),
+    ("numina.jsonl", "numina", 5, ["null_generation"]),
+    ("multiple_choice.jsonl", "multiple_choice", 3, ["wrong_type"]),
+    ("long_cot.jsonl", "messages", 4, []),
+])
+def test_bundled_layout_samples(tmp_path, name, preset, kept, reasons):
+    stats = ingest(REPO / "data" / "layouts" / name, tmp_path, Params(preset=preset))
+    assert stats["kept"] == kept and [q["reason"] for q in read_jsonl(tmp_path / "quarantine.jsonl")] == reasons
+    assert stats["read"] == stats["kept"] + stats["quarantined"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tasks.proxy import ProxyModel, loss_layout, span_summaries
+from tasks.proxy import ProxyModel, chunked_span_sums, loss_layout, span_summaries
 from tasks.spans import EncodedTrace, encode_traces
 
 TEXT = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether."
@@ -300,3 +300,23 @@ def test_prompt_embedding_is_the_mean_question_state_of_the_same_forward(tiny_mo
         assert numbers.prompt_embedding.shape == expected.shape
         np.testing.assert_allclose(numbers.prompt_embedding, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(batched[0].prompt_embedding, batched[1].prompt_embedding)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10_000])
+def test_chunked_sums_match_the_whole_trace_sums(tiny_model, chunk):
+    """Logits a few loss slots at a time (spans cut by chunk boundaries) give the unchunked numbers."""
+    model, tokenizer = tiny_model
+    _, hidden, targets = _hidden_and_targets(model, tokenizer)
+    n = len(targets)
+    labels = [_contiguous_labels(n, [4, 5, 17]).numpy(), _contiguous_labels(n - 6, [9]).numpy()]  # two traces
+    hidden2, targets2 = torch.cat([hidden, hidden[3:n - 3]]), torch.cat([targets, targets[3:n - 3]])
+    weight = model.get_output_embeddings().weight.detach()
+    layout = {name: torch.from_numpy(array) for name, array in loss_layout(labels, chunk=chunk).items()}
+    whole = span_summaries(hidden2, _head_logits(model, hidden2), targets2, layout, weight)
+    heads = []
+    span_loss, proxy = chunked_span_sums(hidden2, targets2, layout, lambda h: heads.append(len(h)) or
+                                         _head_logits(model, h), weight, layout["chunk_pieces"].tolist(), chunk=chunk)
+    assert max(heads) == min(chunk, len(targets2))  # never more logits than a chunk
+    torch.testing.assert_close(proxy, whole.proxy, rtol=1e-5, atol=1e-6)
+    flat_loss = torch.cat([whole.span_loss[0, :4], whole.span_loss[1, :2]])  # (S,) of the padded (B, k)
+    torch.testing.assert_close(span_loss, flat_loss, rtol=1e-6, atol=1e-6)  # logits of other shapes: fp32 rounding

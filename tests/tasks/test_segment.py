@@ -13,7 +13,7 @@ import pytest
 from tasks.ingest import Params as IngestParams
 from tasks.ingest import ingest
 from tasks.schema import SEGMENT_SCHEMA, TRACE_SCHEMA, content_hash
-from tasks.segment import STRATEGIES, Params, main, segment, segment_text, split_steps
+from tasks.segment import STRATEGIES, Params, Unsegmentable, main, segment, segment_text, split_steps
 from tasks.stage import ParamsError, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +124,8 @@ CODE = "Write it in Python:\n    def f(x):\n        return x ** 2  # square\n\n 
     ],
 )
 def test_strategies(strategy, text, steps, answer):
-    step_spans, answer_span = segment_text(text, "gsm8k", strategy)
+    step_spans, answer_span, rule = segment_text(text, "gsm8k", Params(strategy=strategy))
+    assert rule == "marker"
     assert texts(text, step_spans) == steps
     assert text[answer_span[0]:answer_span[1]] == answer
     assert_partition(text, step_spans, answer_span)
@@ -132,19 +133,81 @@ def test_strategies(strategy, text, steps, answer):
 
 def test_answer_line_choices():
     text = "She buys 2.\nSo she pays 10. The answer is 10"
-    steps, answer = segment_text(text, "answer_is", "sentence")
+    steps, answer, rule = segment_text(text, "answer_is", Params(strategy="sentence"))
     assert text[answer[0]:answer[1]] == "So she pays 10. The answer is 10"  # the whole final-answer line
-    assert texts(text, steps) == ["She buys 2."]
-    # Field answers without a marker: the last non-empty line.
-    text = "Add them.\n2 + 2 = 4\n\n"
-    steps, answer = segment_text(text, "field", "newline")
-    assert (texts(text, steps), text[answer[0]:answer[1]]) == (["Add them."], "2 + 2 = 4")
+    assert texts(text, steps) == ["She buys 2."] and rule == "marker"
+    # Field answers without a marker: the line holding the value's last occurrence (not inside 14).
+    text = "Add them.\n2 + 2 = 4 for sure.\nNot 14, I checked.\n\n"
+    steps, answer, rule = segment_text(text, "field", Params(), final_answer="4")
+    assert (texts(text, steps), text[answer[0]:answer[1]], rule) == (
+        ["Add them."], "2 + 2 = 4 for sure.\nNot 14, I checked.", "field")
     # The LAST marker of any kind; a nested \boxed stays whole; a sign-off joins the answer span.
     text = "The answer is 3?\nNo.\nSo $\\boxed{\\frac{1}{2}}$ it is.\nHope this helps!"
-    steps, answer = segment_text(text, "answer_is", "newline")
+    steps, answer, _ = segment_text(text, "answer_is", Params())
     assert texts(text, steps) == ["The answer is 3?", "No."]
     assert text[answer[0]:answer[1]] == "So $\\boxed{\\frac{1}{2}}$ it is.\nHope this helps!"
-    assert segment_text("no marker\nhere", "gsm8k", "newline") == ([], None)
+    with pytest.raises(Unsegmentable, match="answer_fallback is none"):
+        segment_text("no marker\nhere", "gsm8k", Params(answer_fallback="none"))
+
+
+PROSE = ("We count strings with no two adjacent 1s. Let a_n be the count.\nThen a_n = a_{n-1} + a_{n-2}.\n"
+         "So a_6 = 21. Therefore, there are 21 valid strings of length 6.")
+
+
+@pytest.mark.parametrize("fallback, strategy, steps, answer", [
+    ("last_sentence", "newline", ["We count strings with no two adjacent 1s. Let a_n be the count.",
+                                  "Then a_n = a_{n-1} + a_{n-2}.", "So a_6 = 21."],
+     "Therefore, there are 21 valid strings of length 6."),
+    ("last_step", "newline", ["We count strings with no two adjacent 1s. Let a_n be the count.",
+                              "Then a_n = a_{n-1} + a_{n-2}."],
+     "So a_6 = 21. Therefore, there are 21 valid strings of length 6."),
+])
+def test_answer_fallback_for_prose_endings(fallback, strategy, steps, answer):
+    step_spans, answer_span, rule = segment_text(PROSE, "none", Params(answer_fallback=fallback, strategy=strategy))
+    assert (texts(PROSE, step_spans), PROSE[answer_span[0]:answer_span[1]], rule) == (steps, answer, fallback)
+    assert_partition(PROSE, step_spans, answer_span)
+
+
+LONG_COT = ("<think>\nFirst, 2+2. That is 4.\n\nWait, the question asks for 2*2. Also 4.\n\n"
+            "Alternatively, square 2: 4. Hmm, the answer is 5? No.\n</think>\n\nBoth give 4.\nThe answer is $\\boxed{4}$.")
+
+
+@pytest.mark.parametrize("split, markers, reasoning", [
+    ("paragraph", (), ["<think>\nFirst, 2+2. That is 4.", "Wait, the question asks for 2*2. Also 4.",
+                       "Alternatively, square 2: 4. Hmm, the answer is 5? No.\n</think>"]),
+    ("markers", ("Wait,", "Hmm,"), ["<think>\nFirst, 2+2. That is 4.",
+                                     "Wait, the question asks for 2*2. Also 4.\n\nAlternatively, square 2: 4.",
+                                     "Hmm, the answer is 5? No.\n</think>"]),
+])
+def test_reasoning_block_steps_and_the_answer_from_the_final_solution(split, markers, reasoning):
+    params = Params(reasoning_split=split, **({"reasoning_markers": markers} if markers else {}))
+    steps, answer, rule = segment_text(LONG_COT, "boxed", params)
+    # the "answer is 5" inside the reasoning is not the answer: the final solution's marker is
+    assert texts(LONG_COT, steps) == reasoning + ["Both give 4."]
+    assert (LONG_COT[answer[0]:answer[1]], rule) == ("The answer is $\\boxed{4}$.", "marker")
+    assert_partition(LONG_COT, steps, answer)
+    # the opening tag may sit in the prompt (chat templates); a final solution without a marker falls back
+    text = "Hmm.\n\nWait, ok.</think>Add them: 4. So four it is."
+    steps, answer, rule = segment_text(text, "none", params)
+    assert (texts(text, steps), text[answer[0]:answer[1]], rule) == (
+        ["Hmm.", "Wait, ok.</think>", "Add them: 4."], "So four it is.", "last_sentence")
+
+
+def test_bad_reasoning_blocks_are_quarantined_with_reasons(tmp_path):
+    traces = trace_table(tmp_path / "traces.parquet", [
+        ("ok", LONG_COT, "boxed"),
+        ("unclosed", "<think>\nI keep thinking. The answer is 4.", "answer_is"),
+        ("no-final", "<think>\nSo 4.\n</think>\n  \n", "none"),
+        ("prose", PROSE, "none"),
+    ])
+    stats = segment(traces, tmp_path / "seg", Params())
+    quarantine = [json.loads(line) for line in (tmp_path / "seg" / "quarantine.jsonl").read_text().splitlines()]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("unclosed", "unclosed_reasoning"),
+                                                           ("no-final", "empty_final_solution")]
+    table = pq.read_table(tmp_path / "seg" / "segments.parquet")
+    assert table.column("answer_span_source").to_pylist() == ["marker", "last_sentence"]
+    assert stats["answer_span_source"] == {"last_sentence": 1, "marker": 1} and stats["reasoning_traces"] == 1
+    assert stats["read"] == 4 == stats["kept"] + stats["quarantined"]
 
 
 def test_quarantine_reasons_and_counts(tmp_path):
@@ -152,10 +215,10 @@ def test_quarantine_reasons_and_counts(tmp_path):
         ("ok", "a\n#### 1", "gsm8k"),
         ("only-answer", "  #### 1\n", "gsm8k"),
         ("no-marker", "a\nb", "gsm8k"),
-        ("field", "a\nb", "field"),
-        ("field-one-line", "b", "field"),
+        ("field", "a\nb 1", "field"),
+        ("field-one-line", "b 1", "field"),
     ])
-    stats = segment(traces, tmp_path / "seg", Params())
+    stats = segment(traces, tmp_path / "seg", Params(answer_fallback="none"))
     quarantine = [json.loads(line) for line in (tmp_path / "seg" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["id"], q["reason"], q["source_row"]) for q in quarantine] == [
         ("only-answer", "no_steps", 1), ("no-marker", "no_answer_span", 2), ("field-one-line", "no_steps", 4)]
@@ -166,7 +229,8 @@ def test_quarantine_reasons_and_counts(tmp_path):
 
 FRAGMENTS = ["Step 1: add 2.", "x = 2.50 e.g. here.", "$a. B$", "  ", "\n", "\n\n", " \t\n", "東京 🙂.", "Then",
              "<<3*4=12>>12", "**Step 2.**", "```\ncode. X\n```", "$$\nA. B\n$$", "She paid $5.", "Dr. No",
-             "\u00a0", "The answer is 7.", "\\boxed{\\frac{1}{2}}", "#### 5", "1. Item", "Why? ", "ok!"]
+             "\u00a0", "The answer is 7.", "\\boxed{\\frac{1}{2}}", "#### 5", "1. Item", "Why? ", "ok!", "<think>",
+             "</think>", "Wait, no.", "Alternatively,"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -219,3 +219,27 @@ def test_command_line_reads_params_yaml(inputs, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_selected"]["top25pct"] == 10 and "budget50tok" in manifest["subsets"]
     assert manifest["n_clusters"] == 3 and manifest["subsets"]["top25pct"]["n_clusters_covered"] == 3
+
+
+def test_max_per_question_keeps_the_best_responses_of_each_question(tmp_path):
+    # 4 questions x 3 responses (rejection sampling); scores interleave the questions
+    records = [{"id": f"q{q}-{k}", "question": f"What is {q} + 1?", "answer": f"It is {q + 1}.\n#### {q + 1}"}
+               for q in range(4) for k in range(3)]
+    ids = [r["id"] for r in records]
+    scores = [float(100 - 7 * i % 12) for i in range(12)]
+    sample_scores = write_sample_scores(tmp_path / "scores.parquet", ids, scores, [10] * 12)
+    segments = write_segments(tmp_path / "segments.parquet", records)
+    manifest = select(sample_scores, segments, tmp_path / "capped", Params(fractions=(0.5, 1.0), max_per_question=2))
+    chosen = read_lines(tmp_path / "capped" / "subsets" / "top100pct" / "ids.txt")
+    best_two = {i for q in range(4) for i in sorted((i for i in ids if i.startswith(f"q{q}-")),
+                                                    key=lambda i: -scores[ids.index(i)])[:2]}
+    assert set(chosen) == best_two and manifest["n_capped"] == 4
+    assert manifest["subsets"]["top100pct"]["responses_per_question"] == {"2": 4}
+    assert manifest["subsets"]["top50pct"]["n_selected"] == 4  # a fraction of the 8 traces left
+    assert manifest["responses_per_question"] == {"3": 4}  # of every scored trace
+    ranking = pq.read_table(tmp_path / "capped" / "subsets" / "ranking.parquet").to_pylist()
+    assert len({r["question"] for r in ranking}) == 4 and all(len(r["question"]) == 16 for r in ranking)
+    uncapped = select(sample_scores, segments, tmp_path / "all", Params(fractions=(1.0,)))
+    assert uncapped["n_capped"] == 0 and uncapped["subsets"]["top100pct"]["responses_per_question"] == {"3": 4}
+    with pytest.raises(ParamsError, match="select.max_per_question"):
+        params_from_dict(Params, "select", {"max_per_question": 0})

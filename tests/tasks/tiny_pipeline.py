@@ -19,5 +19,6 @@ def build_segments(root: Path, rows: list[dict]) -> Path:
 
 def build_extract(root: Path, segments: Path, model_dir: Path) -> Path:
     """The real extract stage on CPU, head variant on, no cache: root/extract."""
-    extract.extract(segments, model_dir, root / "extract", extract.Params(device="cpu", cache_dir=None))
+    extract.extract(segments, model_dir, root / "extract", extract.Params(device="cpu", cache_dir=None,
+                                                                          head_variant=True))
     return root / "extract"
