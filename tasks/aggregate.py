@@ -17,7 +17,6 @@ Any other score.method is a baseline of tasks/baselines.py, computed from the ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +28,12 @@ from tasks import score as score_stage
 from tasks.baselines import baseline_scores, span_sums
 from tasks.extract import read_extract
 from tasks.schema import SAMPLE_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 HOWS = ("mean", "min", "softmin", "token_mean")
 
 
-@dataclass(frozen=True)
+@params_section("aggregate")
 class Params:
     how: str = "mean"  # mean | min | softmin | token_mean
     softmin_tau: float = 0.1  # softmin temperature: small -> min (worst step decides), large -> mean
@@ -83,6 +82,7 @@ def grace_sample_scores(steps: pa.Table, how: str, tau: float) -> tuple[np.ndarr
     return ids[starts], np.where(fallback, alpha_mean, result), fallback
 
 
+@atomic_outputs
 def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
               score: score_stage.Params, unconditional: Path | None = None) -> dict:
     """Sample scores for every extracted trace: sample_scores.parquet (best first), stats.json."""
@@ -121,6 +121,7 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
     ).sort_by([("score", "descending"), ("id", "ascending")])
     write_parquet(Path(out_dir) / "sample_scores.parquet", samples)
     ledger.keep(samples.num_rows)
+    ledger.require_kept(extract)
     ledger.extra.update(
         constant_score=bool(len(scores) and np.all(scores == scores[0])),  # e.g. method full: no ranking
         score_min=float(scores.min()) if len(scores) else None,

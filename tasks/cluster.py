@@ -24,7 +24,6 @@ Outputs: clusters.parquet (CLUSTER_SCHEMA, sorted by id) and stats.json.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.schema import CLUSTER_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 
-@dataclass(frozen=True)
+@params_section("cluster")
 class Params:
     n_clusters: int | str = "auto"  # auto = round(sqrt(n / 2)), the usual rule of thumb; or a number
     pca_dims: int = 64  # dimensions kept before k-means: more = finer distinctions, slower
@@ -121,6 +120,7 @@ def read_embeddings(extract_dir: Path) -> tuple[list[str], np.ndarray]:
     return ids, embeddings
 
 
+@atomic_outputs
 def cluster(extract: Path, out_dir: Path, params: Params) -> dict:
     """Cluster the traces' questions by the scoring model's prompt embedding: clusters.parquet, stats.json."""
     ids, embeddings = read_embeddings(extract)

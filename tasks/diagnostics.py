@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ from tasks.extract import read_extract
 from tasks.rankstats import auroc, bad_step_rank, precision_at
 from tasks.scorers import sample_scores, step_table
 from tasks.select import fraction_subset_name
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json
+from tasks.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json
 from tasks.unconditional import read_losses
 
 ANSWER_CORRUPTION = "wrong_final_answer"  # bad_step = n_steps: the answer span, not a step
@@ -48,7 +47,7 @@ GRACE_VARIANTS = {"grace_proxy": {"gradient": "proxy"}, "grace_head": {"gradient
                   "grace_proxy_consistency": {"gradient": "proxy", "lambda_": 0.0}}
 
 
-@dataclass(frozen=True)
+@params_section("diagnostics")
 class Params:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # top fractions whose precision is reported
     baselines: tuple[str, ...] = ("random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")

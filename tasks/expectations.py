@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import great_expectations.expectations as gxe
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.schema import EXTRACT_SCHEMA, SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA, TRACE_SCHEMA
+from tasks import select as select_stage
 from tasks.select import RANKING_SCHEMA
 
 # score clips cosines to [-1, 1], but lambda*alpha + (1-lambda)*c may still round a hair past 1.
@@ -82,8 +84,14 @@ def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def jsonl_lines(text: str) -> list[str]:
+    r"""The lines of a JSONL text, split at "\n" only: unescaped JSON strings may hold U+2028 or \x0c."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def count_lines(path: Path) -> int:
-    return len(path.read_text(encoding="utf-8").splitlines())
+    return len(jsonl_lines(path.read_text(encoding="utf-8")))
 
 
 def reconcile_row(outputs: Path, tables: dict[str, pa.Table]) -> dict:
@@ -127,22 +135,45 @@ RECONCILE_PAIRS = (
 )
 
 
+def rule_ids(entry: dict, stratify_by: str | None, scores: dict[str, list], raw: dict[str, str]) -> list[str] | None:
+    """The ids select's rule gives for one manifest entry from the sample scores: the top k of the
+    ranking (of each stratum), in rank order. None where a stratum cannot be read (an id not upstream)."""
+    ids = scores["id"]
+    ranked = select_stage.rank_order(ids, scores["score"])
+    strata: dict[str, list[int]] = {"all": ranked}
+    if stratify_by is not None:
+        if any(ids[row] not in raw for row in ranked):
+            return None
+        strata = {}
+        for row in ranked:
+            strata.setdefault(select_stage.stratum_of(raw[ids[row]], stratify_by), []).append(row)
+    fraction, budget = entry.get("fraction"), entry.get("token_budget")
+    params = select_stage.Params(fractions=() if fraction is None else (float(fraction),), token_budget=budget)
+    [(_, rows)] = select_stage.pick_subsets(strata, scores["n_tokens"], params).values()
+    position = {row: p for p, row in enumerate(ranked)}
+    return [ids[row] for row in sorted(rows, key=position.__getitem__)]
+
+
 def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict], list[dict]]:
-    """Per subset in the manifest: its files against the manifest and the fraction; and every selected id."""
+    """Per subset in the manifest: its files against the manifest, the ranking and the rule; and every selected id."""
     manifest = read_json(outputs / "select" / "manifest.json")
     scores = tables["aggregate_sample_scores"].to_pydict()
     tokens = dict(zip(scores["id"], scores["n_tokens"]))
     segments = tables["segment_segments"].select(["id", "raw"]).to_pydict()
     raw = dict(zip(segments["id"], segments["raw"]))
     n_scored = len(scores["id"])
+    ranking = tables["select_ranking"].select(["id", "rank"]).to_pydict()
+    rank_of = dict(zip(ranking["id"], ranking["rank"]))
     subsets, selected = [], []
     for name, entry in sorted(manifest.get("subsets", {}).items()):
         folder = outputs / "select" / "subsets" / name
         ids_bytes, jsonl_bytes = (folder / "ids.txt").read_bytes(), (folder / "subset.jsonl").read_bytes()
         ids = ids_bytes.decode("utf-8").splitlines()
-        records = [json.loads(line) for line in jsonl_bytes.decode("utf-8").splitlines()]
+        records = [json.loads(line) for line in jsonl_lines(jsonl_bytes.decode("utf-8"))]
         fraction, budget = entry.get("fraction"), entry.get("token_budget")
         n_tokens = sum(tokens.get(i, 0) for i in ids)
+        ranks = [rank_of.get(i) for i in ids]
+        expected = rule_ids(entry, manifest.get("stratify_by"), scores, raw)
         subsets.append({
             "subset": name,
             "n_selected": entry.get("n_selected"),
@@ -160,6 +191,11 @@ def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict],
             "file_sha256_ids": hashlib.sha256(ids_bytes).hexdigest(),
             "manifest_sha256_jsonl": entry.get("sha256_subset_jsonl"),
             "file_sha256_jsonl": hashlib.sha256(jsonl_bytes).hexdigest(),
+            # ids.txt in ranking order (a reordered subset is not best first), and exactly the ids the
+            # rule picks from the sample scores (a subset one short, even with its manifest made to agree)
+            "rank_order_breaks": None if None in ranks else sum(a >= b for a, b in zip(ranks, ranks[1:])),
+            "rule_sha256_ids": None if expected is None else
+            hashlib.sha256("".join(i + "\n" for i in expected).encode("utf-8")).hexdigest(),
         })
         selected += [
             {"subset": name, "id": i, "segments_id": i if i in raw else None,
@@ -179,6 +215,9 @@ def subset_expectations() -> list[gxe.Expectation]:
         equal("manifest_n_tokens", "ids_n_tokens"),
         equal("manifest_sha256_ids", "file_sha256_ids"),
         equal("manifest_sha256_jsonl", "file_sha256_jsonl"),
+        equal("rule_sha256_ids", "file_sha256_ids"),
+        gxe.ExpectColumnValuesToBeBetween(column="rank_order_breaks", min_value=0, max_value=0),
+        gxe.ExpectColumnValuesToNotBeNull(column="rank_order_breaks"),
         # Within one sample of round(fraction * n): select may round halves either way.
         gxe.ExpectColumnValuesToBeBetween(column="size_error", min_value=-1, max_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="budget_left", min_value=0),
@@ -198,8 +237,17 @@ def read_extract_shards(outputs: Path) -> tuple[pa.Table, list[dict]]:
     return pa.concat_tables(tables, promote_options="permissive"), rows
 
 
+def non_finite_per_row(values: pa.ChunkedArray, n_rows: int) -> np.ndarray:
+    """(n_rows,) how many items of each row's list are NaN, infinite or null (a null list counts none)."""
+    values = values.combine_chunks()
+    flat = pc.list_flatten(values)
+    bad = pc.invert(pc.fill_null(pc.is_finite(flat), False)).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+    return np.bincount(parents[bad], minlength=n_rows)
+
+
 def extract_shapes(extract: pa.Table) -> pa.Table:
-    """Per trace: span and Gram sizes against what n_steps says they must be."""
+    """Per trace: span and Gram sizes against what n_steps says they must be; its non-finite numbers."""
     n_spans = pc.add(extract["n_steps"], 1)
     columns = {
         "id": extract["id"],
@@ -210,8 +258,27 @@ def extract_shapes(extract: pa.Table) -> pa.Table:
         "proxy_gram_size": pc.list_value_length(extract["proxy_gram"]),
         # head_gram is optional: where absent, compare the expected size with itself.
         "head_gram_size": pc.coalesce(pc.list_value_length(extract["head_gram"]), pc.multiply(n_spans, n_spans)),
+        # score refuses a NaN in a Gram, but aggregate's baselines read losses and counts directly
+        "non_finite_numbers": pa.array(sum(non_finite_per_row(extract[c], extract.num_rows)
+                                           for c in ("span_loss_sums", "proxy_gram", "head_gram"))),
     }
     return pa.table({name: pc.cast(values, pa.int64()) if name != "id" else values for name, values in columns.items()})
+
+
+def step_missing(steps: pa.Table, first_step: str | None) -> pa.Table:
+    """Per step: values missing (null or NaN) where score writes one, and values where it writes none.
+
+    Only `score.first_step: skip` leaves a value out (consistency and step score of step 1), so with
+    `alpha` a NaN is a fault, not a skipped step that aggregate would quietly pass over.
+    """
+    skipped = (first_step == "skip") & (steps["step_index"].to_numpy() == 0)  # (n,)
+    missing = {c: pc.is_null(steps[c], nan_is_null=True).to_numpy(zero_copy_only=False)  # (n,) each
+               for c in ("alpha", "consistency", "step_score")}
+    unexpected_missing = (missing["alpha"].astype(np.int64) + (missing["consistency"] & ~skipped)
+                          + (missing["step_score"] & ~skipped))
+    unexpected_value = (skipped & ~missing["consistency"]).astype(np.int64) + (skipped & ~missing["step_score"])
+    return pa.table({"id": steps["id"], "step_index": steps["step_index"],
+                     "unexpected_missing": unexpected_missing, "unexpected_value": unexpected_value})
 
 
 def build_suites(outputs: Path) -> list[Suite]:
@@ -240,7 +307,12 @@ def build_suites(outputs: Path) -> list[Suite]:
             equal("n_spans", "span_token_counts_size"), equal("n_spans", "span_loss_sums_size"),
             equal("gram_size_expected", "proxy_gram_size"), equal("gram_size_expected", "head_gram_size"),
             gxe.ExpectColumnValuesToBeBetween(column="n_spans", min_value=2),  # at least one step and the answer
+            gxe.ExpectColumnValuesToBeBetween(column="non_finite_numbers", min_value=0, max_value=0),
         ]),
+        Suite("score_missing", step_missing(tables["score_step_scores"],
+                                            read_json(outputs / "score" / "stats.json").get("first_step")), [
+            gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=0)
+            for c in ("unexpected_missing", "unexpected_value")]),
         Suite("reconcile", pa.Table.from_pylist([reconcile_row(outputs, tables)]),
               [equal(a, b) for a, b in RECONCILE_PAIRS]),
         Suite("select_subsets", pa.Table.from_pylist(subsets), subset_expectations()),

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
@@ -48,7 +47,7 @@ EXPORT_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@params_section("export")
 class Params:
     formats: tuple[str, ...] = FORMATS  # which files each subset gets
 
@@ -113,12 +112,13 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
     return files
 
 
+@atomic_outputs
 def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict:
     """Write every subset of select's output in the configured post-training formats."""
     names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))
     if not names:
         raise FileNotFoundError(f"export: no <subset>/ids.txt under {subsets}; run select first")
-    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").split() for name in names}
+    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").splitlines() for name in names}
     wanted = sorted({id_ for ids in ids_of.values() for id_ in ids})
     columns = ["id", "question", "prompt_messages", "response"]
     table = pq.read_table(segments, columns=columns, filters=pc.field("id").isin(wanted))

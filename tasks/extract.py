@@ -51,7 +51,8 @@ from tasks.progress import Progress, show_progress
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
-from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import (ParamsError, StageInputError, StageLedger, atomic_write_text, params_section, run_stage,
+                         write_json, write_parquet)
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ PACK_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False), pa.field(
                         + [EXTRACT_SCHEMA.field(name).with_nullable(True) for name in NUMBER_COLUMNS])
 
 
-@dataclass(frozen=True)
+@params_section("extract")
 class Params:
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
     batch_tokens: int = 8192  # padded tokens per forward batch: more = faster, more memory
@@ -451,6 +452,8 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: Progre
             quarantine.append(QuarantineRecord("extract", outcome["reason"], outcome["detail"], id=row["id"],
                                                source_row=row["source_row"], record=row["scored_response"]))
     quarantine_path = shards / f"{spec.name}.quarantine.jsonl"
+    for summary in ("stats.json", "quarantine.jsonl"):  # an earlier run's summary must not pass for this one's
+        (Path(out_dir) / summary).unlink(missing_ok=True)
     write_parquet(path, pa.Table.from_pylist(kept, schema=EXTRACT_SCHEMA))
     atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in quarantine))
     write_json(shards / f"{spec.name}.done", {  # last: its presence means the shard is complete
@@ -488,8 +491,10 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
         ledger.keep(marker["kept"])
         for name in totals:
             totals[name] += marker[name]
-        lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").splitlines()
+        # split at "\n" only: a quarantined response may hold U+2028 or \x0c, which splitlines() splits at
+        lines = (shards / f"{spec.name}.quarantine.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
         ledger.quarantine.extend(QuarantineRecord(**json.loads(line)) for line in lines)
+    ledger.require_kept(shards)
     real, padded = sum(r.real_tokens for r in runs), sum(r.padded_tokens for r in runs)
     seconds, prepare_seconds = sum(r.seconds for r in runs), sum(r.prepare_seconds for r in runs)
     ledger.extra.update(
@@ -506,12 +511,14 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
 def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
     specs = plan_shards(segments, params, model)
+    if not specs:
+        raise StageInputError(f"extract: {segments} holds no traces")
     with ThreadPoolExecutor(max_workers=1) as prefetch, \
-            show_progress("extract", specs[-1].stop if specs else 0, "trace", log) as progress:
+            show_progress("extract", specs[-1].stop, "trace", log) as progress:
         # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
         prepare = functools.partial(_prepare, reader=segment_reader(segments), model=model, out_dir=out_dir,
                                     params=params)
-        upcoming, runs = prefetch.submit(prepare, specs[0]) if specs else None, []
+        upcoming, runs = prefetch.submit(prepare, specs[0]), []
         for following in specs[1:] + [None]:
             prepared = upcoming.result()
             upcoming = prefetch.submit(prepare, following) if following else None
@@ -520,7 +527,13 @@ def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
 
 
 def read_extract(extract_dir: Path) -> pa.Table:
-    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id."""
+    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id; refused unless finished.
+
+    finalize writes stats.json last and a shard write removes it first, so without it the shards
+    may be a run's first few.
+    """
+    if not (Path(extract_dir) / "stats.json").is_file():
+        raise StageInputError(f"{extract_dir}: no stats.json, so extract did not finish there; run it again")
     parts = sorted((Path(extract_dir) / "shards").glob("part-*.parquet"))
     table = pa.concat_tables([pq.read_table(part, schema=EXTRACT_SCHEMA) for part in parts]) if parts \
         else EXTRACT_SCHEMA.empty_table()

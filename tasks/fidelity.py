@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +39,13 @@ from tasks.rankstats import correlations, jaccard, top_ids
 from tasks.scorers import sample_scores, step_table, with_gram
 from tasks.select import fraction_subset_name
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json, write_parquet
+from tasks.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json, write_parquet
 
 SIGNALS = ("alpha", "consistency", "step_score")
 CANDIDATES = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}  # scorer -> extract column
 
 
-@dataclass(frozen=True)
+@params_section("fidelity")
 class Params:
     n_traces: int = 150  # traces checked: exact mode costs one backward pass per span
     seed: int = 0  # which traces are sampled

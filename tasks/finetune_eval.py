@@ -24,7 +24,6 @@ clusters its subset covers and, for a warmed scorer, how many of its traces the 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 from tasks import aggregate as aggregate_stage
 from tasks import score as score_stage
 from tasks import select as select_stage
-from tasks.stage import ParamsError, run_stage, write_json
+from tasks.stage import ParamsError, params_section, run_stage, write_json
 
 
 VARIANT_DEFAULTS = {"method": "grace", "gradient": "proxy", "scorer": "base", "within_clusters": False}
@@ -42,7 +41,7 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-@dataclass(frozen=True)
+@params_section("finetune_eval")
 class Params:
     methods: tuple[str, ...] = ("grace", "random", "length", "loss", "answer_loss")  # score.method values; full always
     random_seeds: tuple[int, ...] = (0, 1, 2)  # method random once per seed: the table shows mean and std

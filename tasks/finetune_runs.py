@@ -108,7 +108,8 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
     cache_dir = Path(params.cache_dir) if params.cache_dir else None
     plans = []  # (run, its training rows (None: base), its key, its cached result file)
     for run in runs:
-        ids = None if run["ids"] is None else sorted((Path(subsets) / run["ids"]).read_text(encoding="utf-8").split())
+        ids = None if run["ids"] is None else sorted(
+            (Path(subsets) / run["ids"]).read_text(encoding="utf-8").splitlines())
         rows = None if ids is None else [pool[i] for i in ids]  # sorted: order-free key and batches
         key = run_key(rows, problems, params, identity, device, ingest.answer_patterns)
         plans.append((run, rows, key, cache_dir / f"{key}.json" if cache_dir else None))

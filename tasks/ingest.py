@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import pyarrow as pa
 from tasks.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
 from tasks.readers import read_records
 from tasks.schema import TRACE_SCHEMA, content_hash
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
 
@@ -62,7 +61,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 OPTION_LETTERS = "ABCDEFGHIJ"
 
 
-@dataclass(frozen=True)
+@params_section("ingest")
 class Params:
     format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk
     id_field: str | None = "id"  # null or missing: id = "h-" + 16 hex of the content hash
@@ -94,6 +93,14 @@ class Params:
             raise ParamsError(f"ingest.answer_patterns: need a non-empty subset of {list(ANSWER_PATTERNS)}")
         if not self.question_fields or not self.response_fields:
             raise ParamsError("ingest.question_fields and ingest.response_fields must name at least one field")
+
+
+@params_section("data")
+class DataParams:
+    """params.yaml's `data` section: which corpus `dvc repro` curates. dvc.yaml passes it to ingest as
+    --input (so DVC tracks the file); declared here so the section is typed and known like any other."""
+
+    pool: str = "data/gsm_noisy/pool.jsonl"  # a JSONL/JSON/Parquet file or a HF dataset directory
 
 
 class Rejected(Exception):
@@ -169,6 +176,9 @@ def _record_id(record: dict, params: Params) -> str | None:
         raise Rejected("wrong_type", f"id field {params.id_field!r} is {type(given).__name__}")
     if not str(given).strip():
         raise Rejected("empty_field", f"id field {params.id_field!r} is empty")
+    if str(given).splitlines() != [str(given)]:
+        # ids.txt holds one id a line: an id with a line break would split there and match no trace
+        raise Rejected("id_line_break", f"id field {params.id_field!r} holds a line break: {given!r}")
     return str(given)
 
 
@@ -261,6 +271,16 @@ def _candidates(record: dict, params: Params) -> list[tuple[dict, str | None, st
             for index, text in enumerate(generations)]
 
 
+def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
+    """The fields ingest looked for next to the fields the records have, for a run that kept nothing."""
+    looked_for = {"question_fields": list(params.question_fields), "response_fields": list(params.response_fields),
+                  "messages_field": params.messages_field, "answer_field": params.answer_field,
+                  "id_field": params.id_field}
+    looked = ", ".join(f"ingest.{name} {value!r}" for name, value in looked_for.items() if value is not None)
+    return f". Looked for {looked}; the records have fields {sorted(fields_seen)}" if fields_seen else ""
+
+
+@atomic_outputs
 def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
     params = params.resolved()
@@ -269,7 +289,9 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     seen_ids: set[str] = set()
     sources: Counter[str] = Counter()
     ledger.extra.update(preset=params.preset, generations_expanded=0)
+    fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
     for row, source_record in read_records(Path(input), params.format, ledger):
+        fields_seen.update(source_record)
         try:
             candidates = _candidates(source_record, params)
         except Rejected as rejected:
@@ -289,6 +311,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
             if trace_id is not None:
                 trace["id"] = trace_id
             _keep(trace, row, columns, seen_ids, sources, ledger, record, params)
+    ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
     out_dir = Path(out_dir)
     write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
     ledger.extra["answer_source"] = dict(sorted(sources.items()))

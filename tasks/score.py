@@ -18,7 +18,6 @@ Every trace has at least one step (segment quarantines step-less ones); the stag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 
 from tasks.extract import read_extract
 from tasks.schema import STEP_SCORE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import ParamsError, StageInputError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
 GRAM_COLUMNS = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}
@@ -37,7 +36,7 @@ EXTRACT_SWITCH = {"head": "extract.head_variant: true", "projected": "extract.pr
 ZERO_NORM_RTOL = 1e-12  # float64 Gram entries carry ~1e-16 relative error; far above it, far below real signal
 
 
-@dataclass(frozen=True)
+@params_section("score")
 class Params:
     method: str = "grace"  # grace, or a baseline (tasks/baselines.py)
     gradient: str = "proxy"  # proxy (representation-level r_t) | head (exact LM-head inner products)
@@ -133,12 +132,13 @@ def step_signals(grams: np.ndarray, params: Params) -> dict[str, np.ndarray]:
     }
 
 
+@atomic_outputs
 def score(extract: Path, out_dir: Path, params: Params) -> dict:
     """Step scores for every trace in the extract output: step_scores.parquet, stats.json."""
     table = read_extract(Path(extract))
     if (table["n_steps"].to_numpy() < 1).any():
         stepless = pc.filter(table["id"], pc.less(table["n_steps"], 1)).to_pylist()[:5]
-        raise ValueError(f"extract: traces {stepless} have no steps; segment quarantines such traces, "
+        raise StageInputError(f"extract: traces {stepless} have no steps; segment quarantines such traces, "
                          "so this extract output did not come from segment")
     ledger = StageLedger("score")
     ledger.count_read(table.num_rows)
@@ -154,6 +154,7 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
             columns[name].append(signals[name].ravel())
         columns["n_tokens"].append(list_rows(table, "span_token_counts", rows, k + 1)[:, :k].ravel())
         ledger.keep(len(rows))
+    ledger.require_kept(extract)
     arrays = [pa.array(np.concatenate(columns[f.name]) if columns[f.name] else [], type=f.type,
                        from_pandas=True)  # from_pandas: NaN (a skipped step) becomes null
               for f in STEP_SCORE_SCHEMA]

@@ -32,7 +32,6 @@ import bisect
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,7 +39,8 @@ import pyarrow.parquet as pq
 
 from tasks.answers import last_marker_start
 from tasks.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
-from tasks.stage import ParamsError, StageLedger, run_stage, write_parquet
+from tasks.stage import (ParamsError, StageInputError, StageLedger, atomic_outputs, params_section, run_stage,
+                         write_parquet)
 
 STRATEGIES = ("newline", "paragraph", "step_marker", "sentence")
 FALLBACKS = ("last_sentence", "last_step", "none")
@@ -65,7 +65,7 @@ _ABBREVIATIONS = {"e.g.", "i.e.", "cf.", "vs.", "approx.", "mr.", "mrs.", "ms.",
                   "eq.", "no.", "resp.", "al."}
 
 
-@dataclass(frozen=True)
+@params_section("segment")
 class Params:
     strategy: str = "newline"  # newline | paragraph (blank-line separated) | step_marker ("Step N:") | sentence
     strip_calculator: bool = False  # drop GSM8K <<expr=value>> before scoring (changes what the model sees)
@@ -224,6 +224,7 @@ def segment_text(text: str, answer_source: str, params: Params, final_answer: st
     return steps, answer, rule
 
 
+@atomic_outputs
 def segment(traces: Path, out_dir: Path, params: Params) -> dict:
     """Split each trace of traces.parquet into steps + answer: segments.parquet, quarantine.jsonl, stats.json."""
     ledger = StageLedger("segment")
@@ -232,7 +233,7 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
     columns: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
     missing = set(TRACE_SCHEMA.names) - set(pq.read_schema(traces).names)
     if missing:
-        raise ValueError(f"{traces} is not an ingest trace table: missing columns {sorted(missing)}")
+        raise StageInputError(f"{traces} is not an ingest trace table: missing columns {sorted(missing)}")
     for batch in pq.ParquetFile(traces).iter_batches(batch_size=BATCH_ROWS, columns=TRACE_SCHEMA.names):
         for trace in batch.to_pylist():
             ledger.count_read()
@@ -258,6 +259,7 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
             columns["answer_end"].append(answer[1])
             columns["n_steps"].append(len(steps))
             columns["answer_span_source"].append(rule)
+    ledger.require_kept(traces)
     out_dir = Path(out_dir)
     write_parquet(out_dir / "segments.parquet", pa.table(columns, schema=SEGMENT_SCHEMA))
     ledger.extra.update(strategy=params.strategy, strip_calculator=params.strip_calculator,

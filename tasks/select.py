@@ -32,9 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections import Counter
-from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -43,10 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.cluster import read_clusters
-from tasks.stage import ParamsError, atomic_write_text, run_stage, stage_logger, write_json, write_parquet
+from tasks.stage import (ParamsError, StageInputError, atomic_outputs, atomic_write_text, params_section, run_stage,
+                         stage_logger, write_json, write_parquet)
 
 MISSING_STRATUM = "<missing>"
-SUBSET_FILES = ("subset.jsonl", "ids.txt")
 RANKING_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -58,7 +56,7 @@ RANKING_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
+@params_section("select")
 class Params:
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2)  # one subset per fraction of the scored traces
     token_budget: int | None = None  # also one subset whose response tokens fit this budget
@@ -161,17 +159,17 @@ def read_scores(sample_scores: Path) -> tuple[dict[str, list], str]:
     scores = pq.read_table(sample_scores, columns=["id", "score", "method", "n_tokens"]).to_pydict()
     ids = scores["id"]
     if not ids:
-        raise ValueError(f"select: {sample_scores} holds no scored traces")
+        raise StageInputError(f"select: {sample_scores} holds no scored traces")
     duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicates:
-        raise ValueError(f"select: {sample_scores} repeats ids {duplicates[:5]}")
+        raise StageInputError(f"select: {sample_scores} repeats ids {duplicates[:5]}")
     not_finite = [i for i, s in zip(ids, scores["score"]) if not math.isfinite(s)]
     if not_finite:
-        raise ValueError(f"select: {len(not_finite)} traces have a non-finite score (e.g. {not_finite[:5]}); "
+        raise StageInputError(f"select: {len(not_finite)} traces have a non-finite score (e.g. {not_finite[:5]}); "
                          "fix aggregate")
     methods = sorted(set(scores["method"]))
     if len(methods) != 1:
-        raise ValueError(f"select: {sample_scores} mixes score methods {methods}")
+        raise StageInputError(f"select: {sample_scores} mixes score methods {methods}")
     return scores, methods[0]
 
 
@@ -198,7 +196,7 @@ def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) 
     missing = [i for i in chosen if i not in raw_by_id]
     if missing:
         raise ValueError(f"select: {directory.name}: {len(missing)} selected ids are not in segments: {missing[:5]}")
-    if any("\n" in i or "\r" in i for i in chosen):
+    if any(i.splitlines() != [i] for i in chosen):  # ingest refuses such ids (id_line_break)
         raise ValueError(f"select: {directory.name}: an id contains a line break, which ids.txt cannot hold")
     jsonl = "".join(json.dumps(json.loads(raw_by_id[i]), ensure_ascii=False) + "\n" for i in chosen)
     ids_txt = "".join(i + "\n" for i in chosen)
@@ -208,6 +206,7 @@ def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) 
             "sha256_ids_txt": sha256_hex(ids_txt.encode("utf-8"))}
 
 
+@atomic_outputs
 def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, clusters: Path | None = None) -> dict:
     """Rank traces by score and write the top-fraction and token-budget subsets.
 
@@ -274,10 +273,6 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
         manifest_subsets[name] = entry
         for row in rows:
             selected_in[row].append(name)
-    for stale in subsets_dir.iterdir():  # a subset of earlier params would pass for a current one
-        if (stale.is_dir() and stale.name not in manifest_subsets
-                and {p.name for p in stale.iterdir()} <= set(SUBSET_FILES)):
-            shutil.rmtree(stale)
 
     ranking = {
         "id": [ids[row] for row in ranked],

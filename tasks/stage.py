@@ -1,7 +1,9 @@
 """What every stage shares: its params section, its command line, atomic writes, counts.
 
 One stage = one tasks/ module = one params.yaml section. A stage module defines
-  - a frozen dataclass `Params` whose fields and defaults are that params.yaml section,
+  - `@params_section("<section>") class Params`: fields and defaults are that params.yaml section,
+    typed (pydantic, strict: `big` is no integer, `"false"` no boolean); the decorator is all a new
+    section needs, since the sections params.yaml may hold are read off these decorators,
   - a pure core function taking inputs, output paths and `Params`,
   - `main(argv)` = `run_stage(...)`: parse paths from argv, read the section, call the core.
 DVC calls `python -m tasks.<stage> ...`; Prefect tasks call the same core functions.
@@ -10,18 +12,26 @@ DVC calls `python -m tasks.<stage> ...`; Prefect tasks call the same core functi
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import types
+import typing
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pydantic
 import yaml
 
 from tasks.schema import QuarantineRecord
@@ -65,8 +75,71 @@ class ParamsError(ValueError):
     """A params.yaml section that cannot run; the message names the setting to change."""
 
 
+class StageInputError(ValueError):
+    """An input a stage cannot run on (unreadable, or nothing in it to keep); the message names path and reason."""
+
+
+# strict: no coercion of "5" to 5 or "no" to True; forbid: an unknown key is an error; finite floats only
+PARAMS_CONFIG = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def params_section(section: str) -> Callable[[type[P]], type[P]]:
+    """Make a class a stage's Params: a frozen, strictly typed dataclass for params.yaml's `section`."""
+
+    def declare(cls: type[P]) -> type[P]:
+        cls.section = section
+        return pydantic.dataclasses.dataclass(frozen=True, config=PARAMS_CONFIG)(cls)
+
+    return declare
+
+
+@functools.lru_cache(maxsize=1)
+def known_sections() -> frozenset[str]:
+    """Every section named by a `@params_section("...")` in the tasks package, read from source, not imported.
+
+    Parsing instead of importing keeps torch out of stages that need none; a new stage module is
+    known as soon as it declares its Params.
+    """
+    sections = set()
+    for path in Path(__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == params_section.__name__:
+                sections.update(arg.value for arg in node.args if isinstance(arg, ast.Constant))
+    return frozenset(sections)
+
+
+def _type_name(annotation: Any) -> str:
+    """int | None -> "an integer or null"; tuple[float, ...] -> "a list (each item a number)"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is tuple:
+        return f"a list (each item {_type_name(typing.get_args(annotation)[0])})"
+    return TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _type_errors(params_cls: type, section: str, error: pydantic.ValidationError) -> str:
+    """One entry per wrong setting: its name (and item), the value given and the type it needs."""
+    hints = typing.get_type_hints(params_cls)
+    problems = {}
+    for item in error.errors(include_url=False):
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        where = section + "." + name + "".join(f"[{i}]" for i in item["loc"][1:] if isinstance(i, int))
+        if name in problems:
+            continue
+        if item["type"] == "finite_number":
+            problems[name] = f"{where} = {item['input']!r}: expected a finite number"
+        elif name in hints:
+            problems[name] = f"{where} = {item['input']!r}: expected {_type_name(hints[name])}"
+        else:
+            problems[name] = f"{where}: {item['msg']}"
+    return f"params.yaml [{section}]: " + "; ".join(problems.values())
+
+
 def params_from_dict(params_cls: type[P], section: str, values: dict[str, Any] | None) -> P:
-    """Build a stage's Params from its params.yaml section, refusing unknown keys."""
+    """Build a stage's Params from its params.yaml section, refusing unknown keys and wrong types."""
+    if values is not None and not isinstance(values, dict):
+        raise ParamsError(f"params.yaml [{section}]: expected a mapping of settings, got {values!r}")
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(params_cls)}
     unknown = sorted(set(values) - known)
@@ -75,24 +148,35 @@ def params_from_dict(params_cls: type[P], section: str, values: dict[str, Any] |
     for name, value in values.items():  # YAML gives lists where frozen dataclasses want tuples
         if isinstance(value, list):
             values[name] = tuple(value)
-    params = params_cls(**values)
+    try:
+        params = params_cls(**values)
+    except pydantic.ValidationError as error:
+        raise ParamsError(_type_errors(params_cls, section, error)) from None
     check = getattr(params, "check", None)
     if check is not None:
-        check()  # each Params validates its own combinations and names the setting at fault
+        check()  # each Params validates its own ranges and combinations and names the setting at fault
     return params
+
+
+def read_params_document(params_path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """The whole params file, refusing a top-level section no stage declares (a misspelt `segmnet:`)."""
+    with open(params_path, encoding="utf-8") as handle:
+        document = yaml.safe_load(handle) or {}
+    if not isinstance(document, dict):
+        raise ParamsError(f"{params_path}: expected a mapping of sections, got {type(document).__name__}")
+    unknown = sorted(set(document) - known_sections())
+    if unknown:
+        raise ParamsError(f"{params_path}: unknown section(s) {unknown}; known sections are {sorted(known_sections())}")
+    return document
 
 
 def load_params(params_cls: type[P], section: str, params_path: str | os.PathLike = "params.yaml") -> P:
     """Read one section of a params file into the stage's Params dataclass."""
-    with open(params_path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
-    return params_from_dict(params_cls, section, document.get(section))
+    return params_from_dict(params_cls, section, read_params_document(params_path).get(section))
 
 
 def load_section(section: str, params_path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    with open(params_path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
-    return dict(document.get(section) or {})
+    return dict(read_params_document(params_path).get(section) or {})
 
 
 def run_stage(
@@ -115,11 +199,14 @@ def run_stage(
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
     args = parser.parse_args(argv)
     show_stage_logs()
-    kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
-    kwargs["params"] = load_params(params_cls, section, args.params)
-    for extra_section, extra_cls in extra_sections:
-        kwargs[extra_section] = load_params(extra_cls, extra_section, args.params)
-    return core(**kwargs)
+    try:
+        kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
+        kwargs["params"] = load_params(params_cls, section, args.params)
+        for extra_section, extra_cls in extra_sections:
+            kwargs[extra_section] = load_params(extra_cls, extra_section, args.params)
+        return core(**kwargs)
+    except (ParamsError, StageInputError, OSError) as error:  # the user's to fix: one line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 # ---- atomic writes: a crash never leaves a half-written artifact under its final name ----------
@@ -152,6 +239,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
+    """Make a stage's `out_dir` appear whole or not at all: `core` writes into a fresh directory of
+    the same name beside it, which replaces out_dir only once `core` has returned.
+
+    A crash or a full disk midway leaves the earlier out_dir as it was (or, in the instant between
+    the two renames, no out_dir), never new files next to old ones.
+    """
+    signature = inspect.signature(core)
+
+    @functools.wraps(core)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        out_dir = Path(bound.arguments["out_dir"])
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+        try:
+            bound.arguments["out_dir"] = work = staging / out_dir.name  # the same name, for code that reads it
+            work.mkdir()
+            result = core(*bound.args, **bound.kwargs)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(out_dir, staging / ".replaced")  # a directory cannot be renamed onto a full one
+            os.replace(work, out_dir)
+            return result
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    return run
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
@@ -215,6 +331,17 @@ class StageLedger:
             **self.extra,
         }
         return stats
+
+    def require_kept(self, source: str | os.PathLike, hint: str = "") -> None:
+        """Stop the run at this stage when it kept nothing: every later stage could only fail less clearly."""
+        if self.kept:
+            return
+        if not self.read:
+            raise StageInputError(f"{self.stage}: {source} holds no records{hint}")
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.quarantined_by_reason.items())
+        example = f"; first: {self.quarantine[0].detail}" if self.quarantine else ""
+        raise StageInputError(f"{self.stage}: kept none of the {self.read} records of {source} "
+                              f"(quarantined {reasons}{example}){hint}")
 
     def check_balance(self) -> None:
         if self.read != self.kept + len(self.quarantine):

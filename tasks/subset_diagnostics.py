@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,10 @@ import pyarrow.parquet as pq
 
 from tasks.diagnostics import read_labels
 from tasks.rankstats import auroc
-from tasks.stage import ParamsError, atomic_write_text, run_stage, write_json
+from tasks.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json
 
 
-@dataclass(frozen=True)
+@params_section("subset_diagnostics")
 class Params:
     group_field: str | None = "template"  # a label field naming each trace's problem group; null = none
     top_groups: int = 5  # the largest groups whose share of a subset is reported

@@ -34,7 +34,7 @@ from tasks.extract import Params, read_segment_batches, pack_batches
 from tasks.progress import show_progress
 from tasks.proxy import ProxyModel, resolve_device
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
-from tasks.stage import StageLedger, run_stage, write_parquet
+from tasks.stage import StageLedger, atomic_outputs, run_stage, write_parquet
 
 UNCONDITIONAL_SCHEMA = pa.schema(
     [
@@ -53,6 +53,7 @@ def read_losses(path: Path) -> pa.Table:
     return pq.read_table(path, schema=UNCONDITIONAL_SCHEMA)
 
 
+@atomic_outputs
 def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Mean response loss of every segmented trace without its question: losses.parquet, stats.json.
 
@@ -62,6 +63,8 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
     """
     started = time.perf_counter()
     ledger = StageLedger("unconditional")
+    if pq.read_metadata(segments).num_rows == 0:  # before the model loads: that takes a while
+        ledger.require_kept(segments)
     proxy_model = ProxyModel(Path(model), resolve_device(params.device))
     max_length = params.max_length or proxy_model.context_length
     ids: list[str] = []
@@ -100,6 +103,7 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
                     run_chunk()
         if rows:
             run_chunk()
+    ledger.require_kept(segments)
     counts = np.array(n_tokens, dtype=np.int32)
     loss_sum = np.array(loss_sums, dtype=np.float64)
     table = pa.Table.from_arrays(

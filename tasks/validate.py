@@ -15,18 +15,17 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, run_stage, stage_logger, write_json
+from tasks.stage import ParamsError, params_section, run_stage, stage_logger, write_json
 
 DOCS_SITE = "grace_outputs"
 
 
-@dataclass(frozen=True)
+@params_section("validate")
 class Params:
     fail_on_error: bool = True  # a failed expectation fails the run (false: report only)
     data_docs: bool = True  # build great-expectations Data Docs (HTML) under out_dir/data_docs

@@ -22,15 +22,14 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.stage import ParamsError, StageLedger, atomic_write_text, run_stage
+from tasks.stage import ParamsError, StageLedger, atomic_write_text, params_section, run_stage
 
 
-@dataclass(frozen=True)
+@params_section("warmup")
 class Params:
     fraction: float = 0.05  # share of the pool the scorer is warmed on (seeded random)
     seed: int = 0  # which traces, and the adapters' initialisation and batch order

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.schema import EXTRACT_SCHEMA
+from tasks.stage import StageLedger
 
 
 def extract_row(id_: str, vectors: np.ndarray, *, token_counts=None, loss_sums=None, head_vectors=None,
@@ -33,9 +34,13 @@ def extract_row(id_: str, vectors: np.ndarray, *, token_counts=None, loss_sums=N
 
 
 def write_extract(extract_dir: Path, rows: list[dict]) -> Path:
-    """Write rows as the extract stage does: shards/part-00000.parquet, sorted by id."""
+    """Write rows as the extract stage does: shards/part-00000.parquet, sorted by id, then stats.json."""
     shards = Path(extract_dir) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(sorted(rows, key=lambda row: row["id"]), schema=EXTRACT_SCHEMA)
     pq.write_table(table, shards / "part-00000.parquet")
+    ledger = StageLedger("extract")
+    ledger.count_read(len(rows))
+    ledger.keep(len(rows))
+    ledger.write(Path(extract_dir) / "stats.json", Path(extract_dir) / "quarantine.jsonl")
     return Path(extract_dir)

@@ -11,7 +11,7 @@ import pytest
 
 from tasks.ingest import Params, extract_final_answer, ingest, main
 from tasks.schema import TRACE_SCHEMA, content_hash
-from tasks.stage import ParamsError, load_params, params_from_dict
+from tasks.stage import ParamsError, StageInputError, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -225,15 +225,19 @@ def test_params_defaults_are_the_params_yaml_section():
         params_from_dict(Params, "ingest", {"answer_patterns": ["gsm8k", "latex"]})
 
 
-def test_cli_runs_the_stage(tmp_path, gsm_rows):
+def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     source = write_jsonl(tmp_path / "pool.jsonl", gsm_rows)
     stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")])
     assert stats["kept"] == 3
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"traces.parquet", "quarantine.jsonl", "stats.json"}
     (tmp_path / "pool.txt").write_text("")
-    with pytest.raises(ParamsError, match="ingest.format"):
+    capsys.readouterr()  # the first run's count line
+    with pytest.raises(SystemExit) as stopped:  # on the command line a setting to change is one line, not a traceback
         main(["--input", str(tmp_path / "pool.txt"), "--out-dir", str(tmp_path / "x"),
               "--params", str(REPO / "params.yaml")])
+    assert stopped.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("python -m tasks.ingest: error: ingest.format") and "pool.txt" in line
 
 
 # ---- the layouts people hold (params.yaml ingest.preset; README "Your own data") ------------------
@@ -269,9 +273,10 @@ def test_sharegpt_and_llava_conversations(tmp_path):
         "I count them.\nThere are 3 bars.", "none", "")
     assert [q["reason"] for q in quarantine] == ["no_assistant_turn", "wrong_type"]
     assert "conversations[0] is ['speaker', 'text']" in quarantine[1]["detail"]
-    # without the preset the record is not silently dropped: the detail names the field and the preset
-    _, _, quarantine = run(tmp_path / "plain", rows[:1])
-    assert "'conversations'" in quarantine[0]["detail"] and "ingest.preset: sharegpt" in quarantine[0]["detail"]
+    # without the preset the record is not silently dropped: the run stops, naming the field and the preset
+    with pytest.raises(StageInputError) as stopped:
+        run(tmp_path / "plain", rows[:1])
+    assert "'conversations'" in str(stopped.value) and "ingest.preset: sharegpt" in str(stopped.value)
 
 
 def test_metamath_answer_is_colon(tmp_path):

@@ -72,7 +72,7 @@ def test_consistent_outputs_pass_and_write_data_docs(outputs, tmp_path):
     assert json.loads((out_dir / "results.json").read_text()) == report
     assert set(report["suites"]) == {
         "schema", "ingest_traces", "segment_segments", "extract", "extract_shapes", "score_step_scores",
-        "aggregate_sample_scores", "select_ranking", "reconcile", "select_subsets", "select_ids",
+        "aggregate_sample_scores", "select_ranking", "reconcile", "select_subsets", "select_ids", "score_missing",
     }
     assert all(s["n_expectations"] > 0 and s["success"] for s in report["suites"].values())
     index = out_dir / "data_docs" / "index.html"
