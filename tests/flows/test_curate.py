@@ -125,7 +125,7 @@ def test_stage_log_lines_reach_the_run_log(in_process_run):
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200)
     messages = [log.message for log in logs]
-    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_answer 1)" in messages
+    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1)" in messages
     assert "segment: read 5, kept 4, quarantined 1 (no_steps 1)" in messages
     assert any(m.startswith("extract: 4/4 traces (100%)") for m in messages), messages
     assert any(m.startswith("select: ranked 4, top50pct 2 (threshold ") for m in messages), messages
