@@ -159,9 +159,9 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
             # Dense weights: a model left in GGUF blocks can neither be saved nor give plain hidden states.
             load_kwargs |= {"gguf_file": gguf_path.name, "quantization_config": GgufConfig(dequantize=True)}
         else:
-            from tasks import vlm  # a vision-language scorer (issue 16)
+            from tasks import vlm_source  # a vision-language scorer (issue 16)
 
-            vision = vlm.is_vlm_source(params.source, params.revision, params.trust_remote_code)
+            vision = vlm_source.is_vlm_source(params.source, params.revision, params.trust_remote_code)
             if not vision:
                 check_causal_lm(params.source, params.revision, params.trust_remote_code)
             source, description = params.source, params.source
@@ -170,7 +170,7 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
                 description += f"@{params.revision}"
         log.info("model: loading %s", description)
         if vision:  # saved with its processor; `tokenizer` below is the processor's
-            model, processor = vlm.load_vlm_and_processor(source, load_kwargs)
+            model, processor = vlm_source.load_vlm_and_processor(source, load_kwargs)
             tokenizer = processor.tokenizer
         else:
             (model, tokenizer), processor = load_model_and_tokenizer(source, load_kwargs), None
