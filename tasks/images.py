@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import html
 import io
 import json
 from pathlib import Path
@@ -196,3 +197,42 @@ def raw_record(record: dict) -> dict:
         if any(isinstance(item, dict) and item.get("bytes") is not None for item in items):
             clean[name] = [{"path": item.get("path")} if isinstance(item, dict) else item for item in items]
     return clean
+
+
+def placeholder_text(content: str | list[dict]) -> str:
+    """A turn's text with "<image>" where each image was (LLaVA, LLaMA-Factory and Alpaca-with-images layouts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
+
+
+def sft_turns(prompt: list[dict]) -> list[dict]:
+    """Prompt turns as TRL's SFTTrainer reads a multimodal chat: {"type": "image"} parts, the files in "images"."""
+    return [{**m, "content": [{"type": "image"} if part["type"] == "image" else part for part in m["content"]]}
+            if isinstance(m["content"], list) else m for m in prompt]
+
+
+def thumbnails_html(prompt_messages: str, size: int = 160) -> str:
+    """<img> thumbnails (inline PNG data URIs, so the report stays one file) of a trace's images; "" for text."""
+    paths = image_paths(prompt_messages)
+    if not paths:
+        return ""
+    import base64
+
+    from PIL import Image
+
+    tags = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((size, size))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+        except OSError:
+            tags.append(f'<span class="meta">[image {html.escape(path)} not readable now]</span>')
+            continue
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        tags.append(f'<img class="thumb" src="data:image/png;base64,{data}" alt="{html.escape(path)}" '
+                    f'title="{html.escape(path)}" style="max-width:{size}px;border:1px solid #ccc;margin:.3em .3em 0 0">')
+    return "".join(tags)
