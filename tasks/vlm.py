@@ -98,8 +98,8 @@ def encode_multimodal(processor, traces: list[tuple[str, str, list[tuple[int, in
         offsets = np.array(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (n, 2)
         labels = token_spans(text, offsets, (response_start, response_start + len(response)), spans)  # (n,)
         paths = tuple(image_paths(prompt))
-        expanded = np.asarray(processor(text=[text], images=load_images(paths) or None, add_special_tokens=False)
-                              ["input_ids"][0], dtype=np.int64)  # (n + shift,)
+        inputs = processor(text=[text], images=[load_images(paths)] if paths else None, add_special_tokens=False)
+        expanded = np.asarray(inputs["input_ids"][0], dtype=np.int64)  # (n + shift,)
         shift = len(expanded) - len(ids)
         response_tokens = np.flatnonzero(labels >= 0)
         if len(response_tokens) == 0:
@@ -151,10 +151,11 @@ class VLMProxyModel(ProxyModel):
 
     def model_inputs(self, traces: list[EncodedTrace]) -> dict[str, torch.Tensor]:
         """Pixel inputs of one batch, made now (images in memory: this batch's only)."""
-        images = [path for trace in traces for path in getattr(trace, "images", ())]
-        if not images:
+        with_images = [trace for trace in traces if getattr(trace, "images", ())]
+        if not with_images:
             return {}
-        texts = [trace.text for trace in traces if trace.images]
-        inputs = self.processor(text=texts, images=load_images(images), add_special_tokens=False, padding=True,
-                                return_tensors="pt")
+        # per trace, in batch order: the order of the image tokens in the flattened input_ids
+        inputs = self.processor(text=[trace.text for trace in with_images],
+                                images=[load_images(trace.images) for trace in with_images],
+                                add_special_tokens=False, padding=True, return_tensors="pt")
         return {name: value for name, value in inputs.items() if name not in TEXT_KEYS}
