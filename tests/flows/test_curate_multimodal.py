@@ -82,3 +82,12 @@ def test_multimodal_traces_go_from_ingest_to_export(multimodal_run):
 
     report = (outputs / "report" / "report.html").read_text(encoding="utf-8")
     assert report.count('<img class="thumb" src="data:image/png;base64,') >= 1
+
+
+def test_grace_diff_reads_a_multimodal_run(multimodal_run):
+    from tasks.diff import diff_versions, load_version, to_markdown
+
+    root, _ = multimodal_run
+    version = load_version(str(root / "outputs"))
+    result = diff_versions(version, version)
+    assert result["scores"]["n_common"] == N_CHARTS - 2 and "Sample scores" in to_markdown(result)
