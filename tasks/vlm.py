@@ -17,8 +17,9 @@ response token keeps exactly one step or answer span. The prompt is never cut: i
 truncated, so a multimodal trace longer than max_length is refused (response_exceeds_context).
 
 Batching and memory: extract's pack_batches counts the expanded length, so the batch_tokens budget
-counts image tokens; pixels are made per batch in model_inputs (never held for a shard), so one
-batch of images is in memory at a time; on CUDA the forward runs under bf16 autocast as for text.
+counts image tokens; pixels are made per batch in model_inputs (never held for a shard) and a batch
+with images is waited for before the next is built, so one batch of images is in memory and in flight
+at a time; on CUDA the forward runs under bf16 autocast as for text.
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ class VLMProxyModel(ProxyModel):
     def encode(self, traces, *, chat_template: bool, max_length: int | None):
         """Multimodal (and text) traces through the processor; chat_template is always on for a VLM."""
         return encode_multimodal(self.processor, traces, max_length=max_length)
+
+    def launch(self, traces: list[EncodedTrace], head_variant: bool):
+        """ProxyModel.launch; a batch with images is waited for, so one image batch is in flight at a time."""
+        pending = super().launch(traces, head_variant)
+        if pending.event is not None and any(getattr(trace, "images", ()) for trace in traces):
+            pending.event.synchronize()
+        return pending
 
     def model_inputs(self, traces: list[EncodedTrace]) -> dict[str, torch.Tensor]:
         """Pixel inputs of one batch, made now (images in memory: this batch's only)."""
