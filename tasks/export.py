@@ -14,6 +14,13 @@ Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
                   ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
                   question already holds an ingested Alpaca input, so "input" stays empty)
   data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
+Multimodal traces (ingest.image_root, tasks/images.py) keep their image files: messages.jsonl and
+prompt_completion.jsonl get {"type": "image"} parts in the turns and the files in "images" (TRL,
+LLaMA-Factory), alpaca.json "<image>" placeholders in the instruction and "images", data.parquet an
+`images` column, and each subset also gets
+  llava.json      [{"id", "image": file (a list where several), "conversations": [{"from", "value"}, ...]}, ...]
+                  (LLaVA's training layout: "<image>" placeholders in the human turn)
+A text-only run writes exactly what it wrote before: no llava.json, no `images` key or column.
 The response is the trace as given (calculator annotations included), not the scored text.
 A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined
 for alpaca only (reason alpaca_multi_turn) and still exported in the other formats.
@@ -30,11 +37,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks import images
 from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
-              "parquet": "data.parquet"}
+              "parquet": "data.parquet", "llava": "llava.json"}
+IMAGE_FORMATS = ("llava",)  # written besides export.formats where the export holds multimodal traces
+LLAVA_SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system"}
 MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 EXPORT_SCHEMA = pa.schema(
     [
@@ -45,6 +55,9 @@ EXPORT_SCHEMA = pa.schema(
         pa.field("rank", pa.int32(), nullable=False),  # 1 = best, over all scored traces
     ]
 )
+
+
+IMAGES_FIELD = pa.field("images", pa.list_(pa.string()), nullable=False)  # multimodal exports only
 
 
 @params_section("export")
@@ -80,16 +93,27 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
                 ledger.reject(reason, f"subset {subset}, format {fmt}: {id_} has no row in {source}", id=id_)
             continue
         prompt = json.loads(trace["prompt_messages"])
+        image_files = images.image_paths(prompt)
+        extra = {"images": image_files} if image_files else {}  # a text trace's rows are as before
+        flat = [{**m, "content": images.placeholder_text(m["content"])} for m in prompt]  # "<image>" placeholders
         for fmt in formats:
             if fmt == "messages":
-                messages = prompt + [{"role": "assistant", "content": trace["response"]}]
-                rows[fmt].append(json.dumps({"messages": messages, "id": id_}, ensure_ascii=False) + "\n")
+                messages = images.sft_turns(prompt) + [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"messages": messages, "id": id_, **extra}, ensure_ascii=False) + "\n")
             elif fmt == "prompt_completion":
                 completion = [{"role": "assistant", "content": trace["response"]}]
-                rows[fmt].append(json.dumps({"prompt": prompt, "completion": completion, "id": id_},
-                                            ensure_ascii=False) + "\n")
+                rows[fmt].append(json.dumps({"prompt": images.sft_turns(prompt), "completion": completion, "id": id_,
+                                             **extra}, ensure_ascii=False) + "\n")
+            elif fmt == "llava":
+                turns = flat + [{"role": "assistant", "content": trace["response"]}]
+                conversations = [{"from": LLAVA_SPEAKERS.get(m["role"], m["role"]), "value": m["content"]}
+                                 for m in turns]
+                image = {"image": image_files[0] if len(image_files) == 1 else image_files} if image_files else {}
+                rows[fmt].append({"id": id_, **image, "conversations": conversations})
             elif fmt == "alpaca":
-                record = to_alpaca(prompt, trace["question"], trace["response"])
+                question = flat[-1]["content"] if image_files else trace["question"]
+                record = to_alpaca(flat, question, trace["response"])
+                record = record if record is None else record | extra
                 if record is None:
                     roles = [m["role"] for m in prompt]
                     ledger.reject("alpaca_multi_turn", f"subset {subset}: prompt roles {roles} have no Alpaca form",
@@ -97,17 +121,20 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
                     continue
                 rows[fmt].append(record)
             else:
-                rows[fmt].append({"id": id_, "prompt_messages": prompt, "response": trace["response"],
-                                  "score": ranked["score"], "rank": ranked["rank"]})
+                row = {"id": id_, "prompt_messages": flat, "response": trace["response"], "score": ranked["score"],
+                       "rank": ranked["rank"]}
+                rows[fmt].append(row | {"images": image_files} if "llava" in formats else row)
             ledger.keep()
     files = {}
     for fmt in ("messages", "prompt_completion"):
         if fmt in rows:
             files[fmt] = "".join(rows[fmt]).encode("utf-8")
-    if "alpaca" in rows:
-        files["alpaca"] = (json.dumps(rows["alpaca"], ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-    if "parquet" in rows:
-        files["parquet"] = pa.Table.from_pylist(rows["parquet"], schema=EXPORT_SCHEMA)
+    for fmt in ("alpaca", "llava"):
+        if fmt in rows:
+            files[fmt] = (json.dumps(rows[fmt], ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    if "parquet" in rows:  # a multimodal export (llava among the formats) adds the images column
+        schema = EXPORT_SCHEMA.append(IMAGES_FIELD) if "llava" in formats else EXPORT_SCHEMA
+        files["parquet"] = pa.Table.from_pylist(rows["parquet"], schema=schema)
     ledger.extra.setdefault("rows", {})[subset] = {fmt: len(r) for fmt, r in rows.items()}
     return files
 
@@ -123,6 +150,8 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict
     columns = ["id", "question", "prompt_messages", "response"]
     table = pq.read_table(segments, columns=columns, filters=pc.field("id").isin(wanted))
     traces = {row["id"]: row for row in table.to_pylist()}
+    multimodal = any(images.image_paths(trace["prompt_messages"]) for trace in traces.values())
+    formats = tuple(params.formats) + IMAGE_FORMATS if multimodal else params.formats
     ranked = pq.read_table(subsets / "ranking.parquet", columns=["id", "score", "rank"]).to_pylist()
     ranking = {row["id"]: row for row in ranked}
 
@@ -130,7 +159,7 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict
     staging = out_dir / ".subsets.tmp"  # built aside, then swapped in: no stale or half-written subsets
     shutil.rmtree(staging, ignore_errors=True)
     for name in names:
-        for fmt, content in export_subset(ids_of[name], traces, ranking, params.formats, ledger, name).items():
+        for fmt, content in export_subset(ids_of[name], traces, ranking, formats, ledger, name).items():
             path = staging / name / FILE_NAMES[fmt]
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, pa.Table):

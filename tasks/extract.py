@@ -50,9 +50,10 @@ from tasks.projected import ProjectedModel, ProjectedSpec
 from tasks.progress import Progress, show_progress
 from tasks.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.schema import EXTRACT_SCHEMA, QuarantineRecord
-from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans
+from tasks.spans import EncodedTrace, SpanError, trace_spans
 from tasks.stage import (ParamsError, StageInputError, StageLedger, atomic_write_text, params_section, run_stage,
                          write_json, write_parquet)
+from tasks.vlm import VLMProxyModel, is_vlm_dir
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
 log = logging.getLogger(__name__)
@@ -315,6 +316,10 @@ def load_model(model: str, device: str, projected: ProjectedSpec | None = None) 
 
 @functools.lru_cache(maxsize=1)
 def _load_model(model: str, device: str, projected: ProjectedSpec | None) -> ProxyModel:
+    if is_vlm_dir(Path(model)):  # a vision-language scorer (tasks/vlm.py)
+        if projected is not None:
+            raise ParamsError("extract.projected: not available for a vision-language scorer; set it to false")
+        return VLMProxyModel(Path(model), device)
     return ProxyModel(Path(model), device) if projected is None else ProjectedModel(Path(model), device, projected)
 
 
@@ -403,7 +408,7 @@ def _prepare(spec: ShardSpec, reader: SegmentReader, model: Path, out_dir: Path,
         return _Prepared(spec, False, rows, keys, outcomes, seconds=time.perf_counter() - started)
     proxy_model = load_model(str(model), spec.device, projected_spec(params))  # once per process; not preparation
     looked_up, started = time.perf_counter() - started, time.perf_counter()
-    encodings = encode_traces(proxy_model.tokenizer, [
+    encodings = proxy_model.encode([
         (rows[i]["prompt_messages"], rows[i]["scored_response"],
          trace_spans(rows[i]["step_starts"], rows[i]["step_ends"], rows[i]["answer_start"], rows[i]["answer_end"]))
         for i in missing], chat_template=params.chat_template,

@@ -9,7 +9,8 @@ one TRACE_SCHEMA row, or one row per solution where a `generations` list holds s
 <problem id>-<index>). A record that cannot become a trace is quarantined with a reason; stats.json
 shows read = kept + quarantined, counting each solution of a generations list as one read. Input is
 streamed (JSONL line by line, Parquet and Arrow in batches); kept rows are held as column lists and
-written once.
+written once. With ingest.image_root set, records with images become multimodal traces whose prompt
+turns hold image parts with the sha256 of each image's bytes (tasks/images.py).
 
     python -m tasks.ingest --input data/gsm_noisy/pool.jsonl --out-dir outputs/ingest
 """
@@ -24,10 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks import images
 from tasks.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
 from tasks.readers import read_records
 from tasks.schema import TRACE_SCHEMA, content_hash
-from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.stage import ParamsError, StageLedger, atomic_outputs, params_section, published_dir, run_stage, write_parquet
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
 
@@ -74,6 +76,9 @@ class Params:
     input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
     generations_field: str | None = None  # a list of solutions per problem: one trace each
     options_field: str | None = None  # multiple-choice options, appended to the question as "A) ..." lines
+    # null: image fields are ignored (text-only, as before); a directory: records with images are read as
+    # multimodal traces (tasks/images.py), their image paths relative to it
+    image_root: str | None = None
 
     def resolved(self) -> "Params":
         """These params with the preset's mapping in the keys left at their defaults."""
@@ -101,6 +106,7 @@ class DataParams:
     --input (so DVC tracks the file); declared here so the section is typed and known like any other."""
 
     pool: str = "data/gsm_noisy/pool.jsonl"  # a JSONL/JSON/Parquet file or a HF dataset directory
+    images: str = "data/gsm_noisy"  # the directory of the pool's images, a dep of ingest (an edited image re-runs it)
 
 
 class Rejected(Exception):
@@ -206,10 +212,35 @@ def _question(record: dict, params: Params) -> str:
     return question
 
 
-def to_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
+def to_trace(record: dict, params: Params, response: str | None = None,
+             store: images.ImageStore | None = None) -> dict[str, str]:
     """One input record -> the TRACE_SCHEMA text columns (all but source_row); raises Rejected.
 
-    `response` overrides the record's response fields (one solution of a generations list)."""
+    `response` overrides the record's response fields (one solution of a generations list); `store`
+    resolves a multimodal record's images (tasks/images.py), by default against ingest.image_root."""
+    if params.image_root is not None and images.has_images(record, params.messages_field):
+        try:
+            return _multimodal_trace(record, params, response, store)
+        except images.ImageRejected as rejected:
+            raise Rejected(rejected.reason, rejected.detail) from None
+    return _text_trace(record, params, response)
+
+
+def _multimodal_trace(record: dict, params: Params, response: str | None, store: images.ImageStore | None) -> dict:
+    """A record with images: its text mapped as any record's, then the images placed in its prompt turns."""
+    flat, sources = images.flatten(record, params.messages_field)
+    trace = _text_trace(flat, params, response)
+    store = store or images.ImageStore(Path(params.image_root))
+    prompt = images.place(json.loads(trace["prompt_messages"]), sources, store)
+    prompt_json = json.dumps(prompt, ensure_ascii=False)
+    digest = content_hash(prompt_json, trace["response"])  # the parts' sha256 put the image bytes in the hash
+    given_id = _record_id(record, params)
+    return {**trace, "id": given_id or "h-" + digest[:16], "content_hash": digest, "prompt_messages": prompt_json,
+            "question": trace["question"].replace(images.PLACEHOLDER, "").strip(),
+            "raw": json.dumps(images.raw_record(record), ensure_ascii=False, default=str)}
+
+
+def _text_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
     if params.messages_field is not None and record.get(params.messages_field) is not None:
         prompt, question, response = _chat(record[params.messages_field], params.messages_field)
     else:
@@ -283,13 +314,14 @@ def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
 @atomic_outputs
 def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
-    params = params.resolved()
+    params, out_dir = params.resolved(), Path(out_dir)
     ledger = StageLedger("ingest")
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
     seen_ids: set[str] = set()
     sources: Counter[str] = Counter()
     ledger.extra.update(preset=params.preset, generations_expanded=0)
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
+    store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images")
     for row, source_record in read_records(Path(input), params.format, ledger):
         fields_seen.update(source_record)
         try:
@@ -304,7 +336,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
                 if trace_id is not None and not isinstance(response, str):
                     raise Rejected("null_generation" if response is None else "wrong_type",
                                    f"generation {trace_id} is {type(response).__name__}, not a string")
-                trace = to_trace(record, params, response)
+                trace = to_trace(record, params, response, store)
             except Rejected as rejected:
                 _quarantine(ledger, rejected, row, record, params, trace_id=trace_id)
                 continue
@@ -312,9 +344,10 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
                 trace["id"] = trace_id
             _keep(trace, row, columns, seen_ids, sources, ledger, record, params)
     ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
-    out_dir = Path(out_dir)
     write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
     ledger.extra["answer_source"] = dict(sorted(sources.items()))
+    if store.digests or store.written:  # multimodal input only: a text run's stats stay as they were
+        ledger.extra.update(images_read=len(store.digests), images_embedded=store.written)
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 

@@ -112,7 +112,7 @@ def load_model_and_tokenizer(source: str, load_kwargs: dict[str, Any]):
 
 # Files besides the weights that change what the model sees; hashed in this fixed order.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model")
+                   "tokenizer.model", "processor_config.json", "preprocessor_config.json")  # the last two: VLMs only
 
 
 def model_identity(model_dir: Path) -> str:
@@ -149,6 +149,7 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     load_kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        vision = False
         if params.source == GGUF_WHEEL:
             from transformers import GgufConfig
 
@@ -157,19 +158,27 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
             # Dense weights: a model left in GGUF blocks can neither be saved nor give plain hidden states.
             load_kwargs |= {"gguf_file": gguf_path.name, "quantization_config": GgufConfig(dequantize=True)}
         else:
-            check_causal_lm(params.source, params.revision, params.trust_remote_code)
+            from tasks import vlm_source  # a vision-language scorer (issue 16)
+
+            vision = vlm_source.is_vlm_source(params.source, params.revision, params.trust_remote_code)
+            if not vision:
+                check_causal_lm(params.source, params.revision, params.trust_remote_code)
             source, description = params.source, params.source
             load_kwargs["revision"] = params.revision
             if params.revision:
                 description += f"@{params.revision}"
         log.info("model: loading %s", description)
-        model, tokenizer = load_model_and_tokenizer(source, load_kwargs)
-        context_length = getattr(model.config, "max_position_embeddings", None)
+        if vision:  # saved with its processor; `tokenizer` below is the processor's
+            model, processor = vlm_source.load_vlm_and_processor(source, load_kwargs)
+            tokenizer = processor.tokenizer
+        else:
+            (model, tokenizer), processor = load_model_and_tokenizer(source, load_kwargs), None
+        context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if context_length and tokenizer.model_max_length > 10**12:  # the "no limit known" sentinel
             tokenizer.model_max_length = context_length
         staging = Path(tmp) / "model"
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        (processor or tokenizer).save_pretrained(staging)
         info = {
             "identity": model_identity(staging),
             "source": description,
@@ -180,6 +189,8 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
             "vocab_size": len(tokenizer),
             "chat_template": tokenizer.chat_template is not None,
         }
+        if vision:  # only then: a text model's model_info.json stays as it was
+            info |= {"vision": True, "chat_template": processor.chat_template is not None}
         (staging / "model_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         _replace_dir(staging, out_dir)
     return info

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.spans import EncodedTrace
+from tasks.spans import EncodedTrace, SpanError, encode_traces
 from tasks.stage import ParamsError
 
 
@@ -283,24 +283,39 @@ class ProxyModel:
     """A causal LM loaded for extraction: final hidden states from the decoder, logits from its head."""
 
     def __init__(self, model_dir: Path, device: str) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.device = device
         self.identity = model_identity(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer, self.model = self._load(model_dir)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{model_dir}: extract needs a fast tokenizer (character offsets for span mapping)")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+        self.model = self.model.to(device).eval()
         self.model.requires_grad_(False)
         self.decoder, self.head = self.model.base_model, self.model.get_output_embeddings()
         self.head_weight = self.head.weight.detach().float()  # (V, d) fp32 for the proxy products
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        text_config = self.model.config.get_text_config()  # the model's own config, or a VLM's language model's
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.cuda = device.startswith("cuda")
         self.head_dtype = torch.bfloat16 if self.cuda else torch.float32
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_length = getattr(text_config, "max_position_embeddings", None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.forward_calls = 0  # batches run through the model, for stats (and tests of the cache)
         self._check_logits()
+
+    def _load(self, model_dir: Path):
+        """(tokenizer, model) in fp32; a vision-language scorer loads its own classes (tasks/vlm.py)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return (AutoTokenizer.from_pretrained(model_dir),
+                AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+
+    def encode(self, traces: list[tuple[str, str, list[tuple[int, int]]]], *, chat_template: bool,
+               max_length: int) -> list[EncodedTrace | SpanError]:
+        """(prompt_messages JSON, scored_response, spans) triples -> model inputs with loss spans (tasks/spans.py)."""
+        return encode_traces(self.tokenizer, traces, chat_template=chat_template, max_length=max_length)
+
+    def model_inputs(self, traces: list[EncodedTrace]) -> dict[str, torch.Tensor]:
+        """Inputs besides input_ids for one batch, host side: none for a causal LM (a VLM's pixels: tasks/vlm.py)."""
+        return {}
 
     def _autocast(self):
         if self.cuda:
@@ -328,13 +343,15 @@ class ProxyModel:
         host = collate(traces, self.pad_id, pin=self.cuda)
         chunk_pieces = host["chunk_pieces"].tolist()  # host side: the chunk loop needs no device sync
         batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in host.items()}
+        extra = {name: tensor.to(self.device) for name, tensor in self.model_inputs(traces).items()}
         self.forward_calls += 1
         with torch.inference_mode(), fixed_threads(self.device):
             with self._autocast():
                 # No attention_mask (collate): with one, transformers reads it back to decide whether
                 # SDPA may run plain causal (masking_utils.fast_all), a host sync per batch on CUDA; without,
                 # the same causal kernel runs and real positions get the same numbers (tested).
-                hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state  # (B, T, d)
+                hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False,
+                                      **extra).last_hidden_state  # (B, T, d)
                 # the question's mean state, for clustering problems: a by-product of this same forward
                 prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())  # (B, d)
                 hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head

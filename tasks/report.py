@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks import svgplot
+from tasks import images, svgplot
 from tasks.select import per_question_text
 from tasks.stage import (ParamsError, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
                          params_section, run_stage)
@@ -143,7 +143,9 @@ def render_trace(row: dict[str, Any], steps: dict[int, dict[str, Any]], limit: f
     numbers = "".join(f"<tr><td>{k + 1}</td><td>{_num(steps.get(k, {}).get('alpha'))}</td>"
                       f"<td>{_num(steps.get(k, {}).get('consistency'))}</td>"
                       f"<td>{_num(steps.get(k, {}).get('step_score'))}</td></tr>" for k in range(len(row["step_starts"])))
-    return (f'<div class="trace"><div class="meta">{meta}</div><div class="question">{escape(row["question"])}</div>'
+    thumbnails = images.thumbnails_html(row["prompt_messages"])  # "" for a text trace
+    return (f'<div class="trace"><div class="meta">{meta}</div>{thumbnails}'
+            f'<div class="question">{escape(row["question"])}</div>'
             f'<pre>{"".join(pieces)}</pre><table class="steps"><tr><th>step</th><th>alpha</th><th>consistency</th>'
             f'<th>step score</th></tr>{numbers}</table></div>')
 

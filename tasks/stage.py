@@ -270,6 +270,16 @@ def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def published_dir(out_dir: str | os.PathLike) -> Path:
+    """The directory `out_dir` becomes once atomic_outputs publishes it: a path recorded inside an output
+    (an embedded image's file) must name that one, not the staging copy the core writes into."""
+    out_dir = Path(out_dir)
+    staging = out_dir.parent
+    if staging.name.startswith(f".{out_dir.name}.") and staging.name.endswith(".tmp"):
+        return staging.parent / out_dir.name
+    return out_dir
+
+
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     """Write a table atomically, with settings fixed so equal tables give equal bytes."""
     path = Path(path)

@@ -30,9 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks import vlm
 from tasks.extract import Params, read_segment_batches, pack_batches
 from tasks.progress import show_progress
-from tasks.proxy import ProxyModel, resolve_device
+from tasks.proxy import resolve_device
 from tasks.spans import EncodedTrace, encode_traces, trace_spans
 from tasks.stage import StageLedger, atomic_outputs, run_stage, write_parquet
 
@@ -65,7 +66,7 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
     ledger = StageLedger("unconditional")
     if pq.read_metadata(segments).num_rows == 0:  # before the model loads: that takes a while
         ledger.require_kept(segments)
-    proxy_model = ProxyModel(Path(model), resolve_device(params.device))
+    proxy_model = vlm.proxy_model(Path(model), resolve_device(params.device))  # a VLM's language model too
     max_length = params.max_length or proxy_model.context_length
     ids: list[str] = []
     n_tokens: list[int] = []

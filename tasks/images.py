@@ -1,0 +1,241 @@
+"""Images of multimodal traces (issue 16): where ingest finds them, how it checks and hashes them.
+
+Layouts read (a record with none of them is a text record, ingested exactly as before):
+  - an `images` (list) or `image` (one) field: paths relative to ingest.image_root (null = the input
+    file's directory), or {"bytes", "path"} dicts as a Hugging Face Image feature gives them. "<image>"
+    placeholders in the prompt turns (LLaVA) say where each image goes, in order; with none, all
+    images open the first user turn.
+  - chat `messages` whose content is a list of parts, {"type": "text", "text"} and {"type": "image",
+    "image" | "path" | "url": source} or {"type": "image_url", "image_url": {"url"}}; an image part with
+    no source takes the next entry of the `images` field (TRL's layout).
+In the trace a turn holding images has list content: {"type": "text", "text"} and {"type": "image",
+"image": path, "sha256": hex digest of the file's bytes}. prompt_messages thus carries the digest, so
+content_hash, the per-trace extraction cache and DVC all see an edited image; a text trace keeps its
+string contents and its bytes. Embedded bytes (Image features) are written once to
+<ingest out>/images/<sha256>.<format>, so every later stage reads images from files.
+An image that is missing, unreadable or not an image is refused: reasons image_missing,
+image_unreadable; a count of placeholders that does not match the images: image_placeholder_mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+PLACEHOLDER = "<image>"
+IMAGE_FIELDS = ("images", "image")
+
+
+class ImageRejected(Exception):
+    """A record whose images cannot be used: `reason` is the quarantine code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in ("image", "image_url")
+
+
+def has_images(record: dict, messages_field: str | None) -> bool:
+    """Whether a record is multimodal: an image field, or a chat turn whose content is a list with an image part."""
+    if any(record.get(name) is not None for name in IMAGE_FIELDS):
+        return True
+    messages = record.get(messages_field) if messages_field else None
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and any(map(_is_image_part, m["content"]))
+        for m in messages)
+
+
+def _field_sources(record: dict) -> list[Any]:
+    for name in IMAGE_FIELDS:
+        value = record.get(name)
+        if value is not None:
+            return list(value) if isinstance(value, list) else [value]
+    return []
+
+
+def _part_source(part: dict) -> Any:
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    return next((part[key] for key in ("image", "path", "url") if part.get(key) is not None), None)
+
+
+def flatten(record: dict, messages_field: str | None) -> tuple[dict, list[Any]]:
+    """(the record with every list content joined to a string holding "<image>" placeholders, image sources in order)."""
+    field_sources = _field_sources(record)
+    messages = record.get(messages_field) if messages_field else None
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list)
+                                                 for m in messages):
+        return record, field_sources
+    sources, pending = [], iter(field_sources)
+    flat = copy.copy(record)
+    flat[messages_field] = []
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            text = []
+            for part in message["content"]:
+                if _is_image_part(part):
+                    source = _part_source(part)
+                    sources.append(source if source is not None else next(pending, None))
+                    text.append(PLACEHOLDER)
+                elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                    text.append(part["text"])
+                else:
+                    raise ImageRejected("wrong_type", f"a content part {part!r:.80} is neither text nor an image")
+            message = {**message, "content": "".join(text)}
+        flat[messages_field].append(message)
+    if any(source is None for source in sources):
+        raise ImageRejected("image_missing", "an image part has no source and the images field has no entry left")
+    return flat, sources
+
+
+class ImageStore:
+    """Resolves image sources to checked files with their sha256; embedded bytes are written under embed_dir."""
+
+    def __init__(self, root: Path, embed_dir: Path | None = None, published_dir: Path | None = None) -> None:
+        # embed_dir: where embedded bytes are written now; published_dir: where they will be read from, which
+        # differs while ingest writes into atomic_outputs' staging copy of its directory
+        self.root, self.embed_dir = Path(root), embed_dir
+        self.published_dir = published_dir if published_dir is not None else embed_dir
+        self.digests: dict[str, str] = {}  # path -> sha256, so an image shared by many records is read once
+        self.written = 0  # embedded images written to embed_dir
+
+    def _check(self, data: bytes, where: str) -> str:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image_format = image.format
+                image.load()  # decodes the pixels: a truncated or corrupt file fails here, not in extract
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise ImageRejected("image_unreadable", f"{where} is not a readable image: {err}") from None
+        return (image_format or "png").lower()
+
+    def resolve(self, source: Any) -> dict:
+        """One image part {"type": "image", "image": path, "sha256"}; raises ImageRejected."""
+        if isinstance(source, dict) and source.get("bytes") is not None:
+            data = source["bytes"]
+            digest = hashlib.sha256(data).hexdigest()
+            extension = self._check(data, f"embedded image {source.get('path') or digest[:12]}")
+            if self.embed_dir is None:
+                raise ImageRejected("image_missing", "an embedded image needs ingest's output directory to be written to")
+            path = self.embed_dir / f"{digest}.{extension}"
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                self.written += 1
+            return {"type": "image", "image": str(self.published_dir / path.name), "sha256": digest}
+        if isinstance(source, dict):
+            source = source.get("path")
+        if not isinstance(source, str) or not source.strip():
+            raise ImageRejected("image_missing", f"image source {source!r:.80} is not a path")
+        if source.startswith(("http://", "https://", "data:")):
+            raise ImageRejected("image_missing", f"image {source:.80} is a URL; download it and give a path")
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else self.root / path
+        key = str(path)
+        if key not in self.digests:
+            if not path.is_file():
+                raise ImageRejected("image_missing", f"image {source} not found (looked at {path})")
+            data = path.read_bytes()
+            self._check(data, f"image {source}")
+            self.digests[key] = hashlib.sha256(data).hexdigest()
+        return {"type": "image", "image": key, "sha256": self.digests[key]}
+
+
+def place(prompt: list[dict], sources: list[Any], store: ImageStore) -> list[dict]:
+    """Prompt turns with "<image>" placeholders (or none) -> turns whose image-holding contents are part lists."""
+    parts = [store.resolve(source) for source in sources]
+    marked = sum(m["content"].count(PLACEHOLDER) for m in prompt)
+    if marked == 0 and parts:  # LLaVA without placeholders: the images open the first user turn
+        first = next(i for i, m in enumerate(prompt) if m["role"] == "user")
+        prompt = [*prompt[:first], {**prompt[first], "content": PLACEHOLDER + prompt[first]["content"]},
+                  *prompt[first + 1:]]
+    elif marked != len(parts):
+        raise ImageRejected("image_placeholder_mismatch",
+                            f"the prompt has {marked} {PLACEHOLDER} placeholder(s) for {len(parts)} image(s)")
+    images, turns = iter(parts), []
+    for message in prompt:
+        if PLACEHOLDER not in message["content"]:
+            turns.append(message)
+            continue
+        content = []
+        for index, text in enumerate(message["content"].split(PLACEHOLDER)):
+            if index:
+                content.append(next(images))
+            if text:
+                content.append({"type": "text", "text": text})
+        turns.append({**message, "content": content})
+    return turns
+
+
+def text_of(content: str | list[dict]) -> str:
+    """A turn's text without its images."""
+    if isinstance(content, str):
+        return content
+    return "".join(part["text"] for part in content if part["type"] == "text")
+
+
+def image_paths(prompt_messages: str | list[dict]) -> list[str]:
+    """The image files of a trace's prompt, in order; [] for a text trace."""
+    messages = json.loads(prompt_messages) if isinstance(prompt_messages, str) else prompt_messages
+    return [part["image"] for message in messages if isinstance(message["content"], list)
+            for part in message["content"] if part["type"] == "image"]
+
+
+def raw_record(record: dict) -> dict:
+    """The input record with embedded image bytes left out (their files are in the prompt's parts)."""
+    clean = dict(record)
+    for name in IMAGE_FIELDS:
+        value = clean.get(name)
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, dict) and item.get("bytes") is not None for item in items):
+            clean[name] = [{"path": item.get("path")} if isinstance(item, dict) else item for item in items]
+    return clean
+
+
+def placeholder_text(content: str | list[dict]) -> str:
+    """A turn's text with "<image>" where each image was (LLaVA, LLaMA-Factory and Alpaca-with-images layouts)."""
+    if isinstance(content, str):
+        return content
+    return "".join(PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
+
+
+def sft_turns(prompt: list[dict]) -> list[dict]:
+    """Prompt turns as TRL's SFTTrainer reads a multimodal chat: {"type": "image"} parts, the files in "images"."""
+    return [{**m, "content": [{"type": "image"} if part["type"] == "image" else part for part in m["content"]]}
+            if isinstance(m["content"], list) else m for m in prompt]
+
+
+def thumbnails_html(prompt_messages: str, size: int = 160) -> str:
+    """<img> thumbnails (inline PNG data URIs, so the report stays one file) of a trace's images; "" for text."""
+    paths = image_paths(prompt_messages)
+    if not paths:
+        return ""
+    import base64
+
+    from PIL import Image
+
+    tags = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((size, size))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+        except OSError:
+            tags.append(f'<span class="meta">[image {html.escape(path)} not readable now]</span>')
+            continue
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        tags.append(f'<img class="thumb" src="data:image/png;base64,{data}" alt="{html.escape(path)}" '
+                    f'title="{html.escape(path)}" style="max-width:{size}px;border:1px solid #ccc;margin:.3em .3em 0 0">')
+    return "".join(tags)

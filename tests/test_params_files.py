@@ -1,0 +1,26 @@
+"""params.mm_charts.yaml (the multimodal chart sample) is params.yaml with only its documented keys changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHANGED = {("data", "pool"), ("data", "images"), ("ingest", "preset"), ("ingest", "image_root"), ("model", "source")}
+
+
+def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():
+    base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    charts = yaml.safe_load((REPO / "params.mm_charts.yaml").read_text(encoding="utf-8"))
+    assert base.keys() == charts.keys()
+    differing = set()
+    for section, values in base.items():
+        assert values.keys() == charts[section].keys(), section
+        differing |= {(section, key) for key, value in values.items() if charts[section][key] != value}
+    assert differing == CHANGED
+    assert charts["ingest"]["image_root"] == charts["data"]["images"] == "data/mm_charts"
+    pool = REPO / charts["data"]["pool"]
+    first = json.loads(pool.read_text(encoding="utf-8").splitlines()[0])
+    assert (REPO / charts["ingest"]["image_root"] / first["image"]).is_file()
