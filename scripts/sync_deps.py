@@ -1,10 +1,10 @@
 """Rewrite the `.py` deps of every stage in the three dvc.yaml files to its module's import closure.
 
     python scripts/sync_deps.py          # rewrite in place, print what changed
-    python scripts/sync_deps.py --check  # exit 1 if any stage's list differs (tests/tasks/test_closure.py checks the same)
+    python scripts/sync_deps.py --check  # exit 1 if any stage's list differs (tests/tasks/core/test_closure.py checks the same)
 
 The deps of a stage are code as much as data: a module the stage imports, changed, must re-run it.
-The list follows from the imports (tasks/closure.py), so it is written by this script and never by hand;
+The list follows from the imports (tasks/core/closure.py), so it is written by this script and never by hand;
 comments, data deps and the order of everything else in the file are kept as they are.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.closure import relative_closure  # noqa: E402
+from tasks.core.closure import relative_closure  # noqa: E402
 
 PIPELINES = ("dvc.yaml", "finetune/dvc.yaml", "diagnostics/dvc.yaml")
 STAGE = re.compile(r"^  (\w+):\s*(#.*)?$")
-CMD = re.compile(r"python -m (tasks\.\w+)")
+CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
 CODE_DEP = re.compile(r"^      - (tasks|flows)/\S+\.py\s*$")
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def environment(tmp_path) -> dict[str, str]:
-    """This venv's python first on PATH (dvc.yaml runs `python -m tasks.<stage>`); no network, no user config."""
+    """This venv's python first on PATH (dvc.yaml runs `python -m tasks.<package>.<stage>`); no network, no user config."""
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "DVC_"))}
     return env | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

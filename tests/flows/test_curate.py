@@ -22,10 +22,12 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 
-import tasks.extract
-from flows.curate import (EPHEMERAL_STARTUP_SECONDS, SUMMARY_ARTIFACT_KEY, curate, prefect_settings, dask_task_runner, ingest_task, model_task, score_task,
-                          segment_task, stage_paths, summary_markdown, validation_report)
-from tasks.validate import ExpectationsFailed
+import tasks.core.artifacts
+import tasks.curate.extract
+from tasks.curate.validate import ExpectationsFailed
+from flows.curate import (EPHEMERAL_STARTUP_SECONDS, SUMMARY_ARTIFACT_KEY, curate, prefect_settings, dask_task_runner,
+                          ingest_task, model_task, score_task, segment_task, stage_paths, summary_markdown,
+                          validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
 STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
@@ -77,7 +79,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
     assert stats["extract"]["read"] == 4 and stats["extract"]["shards"] == 2
     assert sorted(p.name for p in (outputs / "extract" / "shards").glob("*.parquet")) == [
         "part-00000.parquet", "part-00001.parquet"]
-    assert tasks.extract.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
+    assert tasks.core.artifacts.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
     assert stats["score"]["read"] == stats["extract"]["kept"]
     assert stats["unconditional"]["read"] == stats["segment"]["kept"]
     n_scored = pq.read_metadata(outputs / "aggregate" / "sample_scores.parquet").num_rows
@@ -125,7 +127,7 @@ def test_stage_log_lines_reach_the_run_log(in_process_run):
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200)
     messages = [log.message for log in logs]
-    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_answer 1)" in messages
+    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1)" in messages
     assert "segment: read 5, kept 4, quarantined 1 (no_steps 1)" in messages
     assert any(m.startswith("extract: 4/4 traces (100%)") for m in messages), messages
     assert any(m.startswith("select: ranked 4, top50pct 2 (threshold ") for m in messages), messages
@@ -145,10 +147,10 @@ def test_entry_points_give_the_temporary_api_longer_to_start():
 def test_dask_two_workers_identical(prefect_api, in_process_run, tmp_path, tiny_model_dir):
     """extract.workers: 2 maps the shards over a two-worker Dask LocalCluster: same files as in process."""
     root = write_workspace(tmp_path / "dask", tiny_model_dir, workers=2)
-    models_loaded_here = tasks.extract._load_model.cache_info().misses
+    models_loaded_here = tasks.curate.extract._load_model.cache_info().misses
     state = run_curate(root)
     assert state.is_completed(), state
-    assert tasks.extract._load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
+    assert tasks.curate.extract._load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
     extract_stats = read_json(root / "outputs" / "extract" / "stats.json")
     assert (extract_stats["shards"], extract_stats["traces_computed"]) == (2, 4)  # computed, not skipped
 
@@ -192,17 +194,17 @@ def test_stage_paths_are_dvc_yaml_paths():
     assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
     for stage, paths in stage_paths(pool, "outputs").items():
         argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)
-        assert argv[:3] == ["python", "-m", f"tasks.{stage}"]
+        assert argv[:3] == ["python", "-m", f"tasks.curate.{stage}"]
         flags = dict(zip(argv[3::2], argv[4::2]))
         assert flags == {f"--{name.replace('_', '-')}": path.as_posix() for name, path in paths.items()}, stage
 
 
 def test_dask_runner_follows_extract_params():
-    assert dask_task_runner(tasks.extract.Params()) is None
-    local = dask_task_runner(tasks.extract.Params(workers=3))
+    assert dask_task_runner(tasks.curate.extract.Params()) is None
+    local = dask_task_runner(tasks.curate.extract.Params(workers=3))
     assert isinstance(local, DaskTaskRunner) and local.address is None
     assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
-    remote = dask_task_runner(tasks.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
+    remote = dask_task_runner(tasks.curate.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
 
 

@@ -1,0 +1,143 @@
+"""Stage `export`: every selected subset in the formats post-training tools read.
+
+    python -m tasks.curate.export --subsets outputs/select/subsets \
+        --segments outputs/segment/segments.parquet --out-dir outputs/export
+
+Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
+  messages.jsonl  {"messages": [...prompt turns..., {"role": "assistant", "content": response}], "id": ...}
+                  (the chat format of TRL's SFTTrainer, axolotl and LLaMA-Factory's OpenAI-style sharegpt)
+  prompt_completion.jsonl  {"prompt": [...prompt turns...], "completion": [{"role": "assistant", ...}], "id": ...}
+                  (TRL's conversational prompt-completion format: SFTTrainer then puts the loss on the
+                  completion only, which messages.jsonl cannot give under a chat template with no
+                  generation markers, SmolLM2's among them)
+  alpaca.json     [{"instruction": question, "input": "", "output": response, "system": system turn}, ...]
+                  ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
+                  question already holds an ingested Alpaca input, so "input" stays empty)
+  data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
+The response is the trace as given (calculator annotations included), not the scored text.
+A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined
+for alpaca only (reason alpaca_multi_turn) and still exported in the other formats.
+Counts are per row to write (subset x format x id): read = kept + quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.core.schema import EXPORT_SCHEMA
+from tasks.core.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
+FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
+              "parquet": "data.parquet"}
+
+
+@params_section("export")
+class Params:
+    formats: tuple[str, ...] = FORMATS  # which files each subset gets
+
+    def check(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ParamsError(f"export.formats: {list(self.formats)} must be a non-empty list drawn from {list(FORMATS)}")
+
+
+def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
+    """Alpaca form of a (system?, user) prompt; None where the prompt has other turns."""
+    roles = [m["role"] for m in prompt]
+    if roles not in (["user"], ["system", "user"]):
+        return None
+    record = {"instruction": question, "input": "", "output": response}
+    return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
+
+
+def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, dict], formats: tuple[str, ...],
+                  ledger: StageLedger, subset: str) -> dict[str, bytes | pa.Table]:
+    """The requested files of one subset, as bytes; every row counted or quarantined in `ledger`."""
+    rows: dict[str, list] = {fmt: [] for fmt in formats}
+    for id_ in ids:
+        ledger.count_read(len(formats))
+        trace, ranked = traces.get(id_), ranking.get(id_)
+        if trace is None or ranked is None:
+            reason, source = ("id_not_in_segments", "segments.parquet") if trace is None else \
+                ("id_not_in_ranking", "ranking.parquet")
+            for fmt in formats:
+                ledger.reject(reason, f"subset {subset}, format {fmt}: {id_} has no row in {source}", id=id_)
+            continue
+        prompt = json.loads(trace["prompt_messages"])
+        for fmt in formats:
+            if fmt == "messages":
+                messages = prompt + [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"messages": messages, "id": id_}, ensure_ascii=False) + "\n")
+            elif fmt == "prompt_completion":
+                completion = [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"prompt": prompt, "completion": completion, "id": id_},
+                                            ensure_ascii=False) + "\n")
+            elif fmt == "alpaca":
+                record = to_alpaca(prompt, trace["question"], trace["response"])
+                if record is None:
+                    roles = [m["role"] for m in prompt]
+                    ledger.reject("alpaca_multi_turn", f"subset {subset}: prompt roles {roles} have no Alpaca form",
+                                  id=id_, record=trace["prompt_messages"])
+                    continue
+                rows[fmt].append(record)
+            else:
+                rows[fmt].append({"id": id_, "prompt_messages": prompt, "response": trace["response"],
+                                  "score": ranked["score"], "rank": ranked["rank"]})
+            ledger.keep()
+    files = {}
+    for fmt in ("messages", "prompt_completion"):
+        if fmt in rows:
+            files[fmt] = "".join(rows[fmt]).encode("utf-8")
+    if "alpaca" in rows:
+        files["alpaca"] = (json.dumps(rows["alpaca"], ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    if "parquet" in rows:
+        files["parquet"] = pa.Table.from_pylist(rows["parquet"], schema=EXPORT_SCHEMA)
+    ledger.extra.setdefault("rows", {})[subset] = {fmt: len(r) for fmt, r in rows.items()}
+    return files
+
+
+@atomic_outputs
+def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict:
+    """Write every subset of select's output in the configured post-training formats."""
+    names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))
+    if not names:
+        raise FileNotFoundError(f"export: no <subset>/ids.txt under {subsets}; run select first")
+    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").splitlines() for name in names}
+    wanted = sorted({id_ for ids in ids_of.values() for id_ in ids})
+    columns = ["id", "question", "prompt_messages", "response"]
+    table = pq.read_table(segments, columns=columns, filters=pc.field("id").isin(wanted))
+    traces = {row["id"]: row for row in table.to_pylist()}
+    ranked = pq.read_table(subsets / "ranking.parquet", columns=["id", "score", "rank"]).to_pylist()
+    ranking = {row["id"]: row for row in ranked}
+
+    ledger = StageLedger("export")
+    staging = out_dir / ".subsets.tmp"  # built aside, then swapped in: no stale or half-written subsets
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in names:
+        for fmt, content in export_subset(ids_of[name], traces, ranking, params.formats, ledger, name).items():
+            path = staging / name / FILE_NAMES[fmt]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, pa.Table):
+                write_parquet(path, content)
+            else:
+                path.write_bytes(content)
+    shutil.rmtree(out_dir / "subsets", ignore_errors=True)
+    staging.rename(out_dir / "subsets")
+    return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+def main(argv: list[str] | None = None):
+    return run_stage("export", Params, [("subsets", "select's subsets/ directory (ids.txt + ranking.parquet)"),
+                                        ("segments", "segments.parquet (prompt_messages, response)"),
+                                        ("out_dir", "where subsets/<name>/ files go")], export, argv)
+
+
+if __name__ == "__main__":
+    main()
