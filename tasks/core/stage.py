@@ -5,8 +5,10 @@ One stage = one module of a tasks/ package (tasks/__init__.py) = one params.yaml
     typed (pydantic, strict: `big` is no integer, `"false"` no boolean); the decorator is all a new
     section needs, since the sections params.yaml may hold are read off these decorators,
   - a pure core function taking inputs, output paths and `Params`,
-  - `main(argv)` = `run_stage(...)`: parse paths from argv, read the section, call the core.
-DVC calls `python -m tasks.<package>.<stage> ...`; Prefect tasks call the same core functions.
+  - `STAGE = Stage(core, Params, paths=[...], extra_sections=[...])`: the stage declared once, its
+    paths and the other sections it reads; `main(argv)` = `STAGE.main(argv)` parses the paths from
+    argv, reads the sections and calls the core.
+DVC calls `python -m tasks.<package>.<stage> ...`; the Prefect flow's tasks call `STAGE.run(params, **paths)`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import types
 import typing
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -188,34 +190,72 @@ def module_name(function: Callable[..., Any]) -> str:
     return name
 
 
-def run_stage(
-    section: str,
-    params_cls: type[P],
-    paths: Iterable[tuple[str, str]],
-    core: Callable[..., Any],
-    argv: list[str] | None = None,
-    extra_sections: Iterable[tuple[str, type]] = (),
-) -> Any:
-    """The shared command line: `--params FILE` plus one `--<name> PATH` per declared path.
+PathSpec = tuple[str, str]  # (name, help): a `--name PATH` option and the core's keyword `name`
 
-    `paths` is (name, help) pairs; each becomes a required option and a keyword of `core`.
-    `extra_sections` are other params sections the core reads (e.g. select reads score.method),
-    passed as keywords named after the section.
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage, declared once in its module and read by its command line, the Prefect flow and tests:
+
+        STAGE = Stage(core, Params, paths=[("extract", "..."), ("out_dir", "...")],
+                      optional_paths=[("unconditional", "...")], extra_sections=[("score", score.Params)])
+
+    `core` is the pure function; it takes one keyword per path, `params` (its own section, the one
+    `Params` declares) and one keyword per extra section, named after the section. A path in
+    `optional_paths` may be left out (the core gets None).
     """
-    parser = argparse.ArgumentParser(prog=f"python -m {module_name(core)}", description=core.__doc__)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    for name, help_text in paths:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
-    args = parser.parse_args(argv)
-    show_stage_logs()
-    try:
-        kwargs: dict[str, Any] = {name: Path(getattr(args, name)) for name, _ in paths}
-        kwargs["params"] = load_params(params_cls, section, args.params)
-        for extra_section, extra_cls in extra_sections:
-            kwargs[extra_section] = load_params(extra_cls, extra_section, args.params)
-        return core(**kwargs)
-    except (ParamsError, StageInputError, OSError) as error:  # the user's to fix: one line, not a traceback
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+    core: Callable[..., Any]
+    params: type
+    paths: tuple[PathSpec, ...] = ()
+    optional_paths: tuple[PathSpec, ...] = ()
+    extra_sections: tuple[tuple[str, type], ...] = ()
+
+    def __post_init__(self) -> None:  # lists in the declaration, tuples in the frozen object
+        for name in ("paths", "optional_paths", "extra_sections"):
+            object.__setattr__(self, name, tuple(tuple(item) for item in getattr(self, name)))
+
+    @property
+    def section(self) -> str:
+        return self.params.section
+
+    @property
+    def path_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.paths + self.optional_paths)
+
+    def read_params(self, params_path: str | os.PathLike = "params.yaml") -> Any:
+        """The stage's own Params, read from its section of the params file."""
+        return load_params(self.params, self.section, params_path)
+
+    def settings(self, params_path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+        """The core's params keywords: `params` and one per extra section."""
+        kwargs: dict[str, Any] = {"params": self.read_params(params_path)}
+        for extra_section, extra_cls in self.extra_sections:
+            kwargs[extra_section] = load_params(extra_cls, extra_section, params_path)
+        return kwargs
+
+    def run(self, params_path: str | os.PathLike, **paths: str | os.PathLike | None) -> Any:
+        """The core on these paths with the settings of params_path (what a Prefect task calls)."""
+        unknown = sorted(set(paths) - set(self.path_names))
+        if unknown:
+            raise TypeError(f"{module_name(self.core)}: no path(s) {unknown}; it takes {list(self.path_names)}")
+        given = {name: None if value is None else Path(value) for name, value in paths.items()}
+        return self.core(**given, **self.settings(params_path))
+
+    def main(self, argv: list[str] | None = None) -> Any:
+        """The shared command line: `--params FILE` plus one `--<name> PATH` per declared path."""
+        parser = argparse.ArgumentParser(prog=f"python -m {module_name(self.core)}", description=self.core.__doc__)
+        parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        for name, help_text in self.paths:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, required=True, help=help_text)
+        for name, help_text in self.optional_paths:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{help_text} (optional)")
+        args = parser.parse_args(argv)
+        show_stage_logs()
+        try:
+            return self.run(args.params, **{name: getattr(args, name) for name in self.path_names})
+        except (ParamsError, StageInputError, OSError) as error:  # the user's to fix: one line, not a traceback
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 # ---- atomic writes: a crash never leaves a half-written artifact under its final name ----------

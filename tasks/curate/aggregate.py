@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from tasks.core.artifacts import read_extract, read_losses
 from tasks.core.schema import SAMPLE_SCORE_SCHEMA
-from tasks.core.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 from tasks.curate import score as score_stage
 from tasks.curate.baselines import baseline_scores, span_sums
 
@@ -130,13 +130,16 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
     return ledger.write_stats(Path(out_dir) / "stats.json")
 
 
+STAGE = Stage(aggregate, Params, paths=[
+    ("step_scores", "step_scores.parquet from the score stage"),
+    ("extract", "extract output directory (holds shards/)"),
+    ("unconditional", "losses.parquet from the unconditional stage (read by score.method: ifd)"),
+    ("out_dir", "directory for sample_scores.parquet and stats.json"),
+], extra_sections=[("score", score_stage.Params)])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("aggregate", Params,
-                     [("step_scores", "step_scores.parquet from the score stage"),
-                      ("extract", "extract output directory (holds shards/)"),
-                      ("unconditional", "losses.parquet from the unconditional stage (read by score.method: ifd)"),
-                      ("out_dir", "directory for sample_scores.parquet and stats.json")],
-                     aggregate, argv, extra_sections=[("score", score_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core.schema import CLUSTER_SCHEMA
-from tasks.core.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 
 
 @params_section("cluster")
@@ -143,9 +143,14 @@ def read_clusters(clusters: Path) -> dict[str, int]:
     return dict(zip(table.column("id").to_pylist(), table.column("cluster").to_pylist()))
 
 
+STAGE = Stage(cluster, Params, paths=[
+    ("extract", "extract output directory (its prompt_embedding column)"),
+    ("out_dir", "where clusters.parquet and stats.json go"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("cluster", Params, [("extract", "extract output directory (its prompt_embedding column)"),
-                                         ("out_dir", "where clusters.parquet and stats.json go")], cluster, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

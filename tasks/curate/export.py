@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.core.schema import EXPORT_SCHEMA
-from tasks.core.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
@@ -133,10 +133,15 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 
+STAGE = Stage(export, Params, paths=[
+    ("subsets", "select's subsets/ directory (ids.txt + ranking.parquet)"),
+    ("segments", "segments.parquet (prompt_messages, response)"),
+    ("out_dir", "where subsets/<name>/ files go"),
+])
+
+
 def main(argv: list[str] | None = None):
-    return run_stage("export", Params, [("subsets", "select's subsets/ directory (ids.txt + ranking.parquet)"),
-                                        ("segments", "segments.parquet (prompt_messages, response)"),
-                                        ("out_dir", "where subsets/<name>/ files go")], export, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

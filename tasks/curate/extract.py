@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from tasks.core.artifacts import pack_batches
 from tasks.core.progress import Progress, show_progress
 from tasks.core.schema import EXTRACT_SCHEMA, QuarantineRecord
-from tasks.core.stage import (ParamsError, StageInputError, StageLedger, atomic_write_text, params_section, run_stage,
+from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, params_section,
                               write_json, write_parquet)
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
 from tasks.curate.proxy import ProxyModel, model_identity, precision, resolve_device
@@ -516,11 +516,15 @@ def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     return finalize(out_dir, specs, runs)
 
 
+STAGE = Stage(extract, Params, paths=[
+    ("segments", "segments.parquet from the segment stage"),
+    ("model", "model directory from the model stage"),
+    ("out_dir", "output directory (shards/, quarantine.jsonl, stats.json)"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("extract", Params, [("segments", "segments.parquet from the segment stage"),
-                                         ("model", "model directory from the model stage"),
-                                         ("out_dir", "output directory (shards/, quarantine.jsonl, stats.json)")],
-                     extract, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.core.schema import TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, StageLedger, atomic_outputs, params_section, run_stage, write_parquet
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 from tasks.curate.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
 from tasks.curate.readers import read_records
 
@@ -332,14 +332,14 @@ def _keep(trace: dict, row: int, columns: dict[str, list], seen_ids: set[str], s
     ledger.keep()
 
 
+STAGE = Stage(ingest, Params, paths=[
+    ("input", "JSONL / JSON / Parquet file or a datasets.save_to_disk directory"),
+    ("out_dir", "output directory"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage(
-        "ingest",
-        Params,
-        [("input", "JSONL / JSON / Parquet file or a datasets.save_to_disk directory"), ("out_dir", "output directory")],
-        ingest,
-        argv,
-    )
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.core.stage import ParamsError, params_section, run_stage
+from tasks.core.stage import ParamsError, Stage, params_section
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,13 @@ def resolve_model(out_dir: Path, params: Params) -> dict:
     return info
 
 
+STAGE = Stage(resolve_model, Params, paths=[
+    ("out_dir", "directory to write the resolved model to"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("model", Params, [("out_dir", "directory to write the resolved model to")],
-                     resolve_model, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

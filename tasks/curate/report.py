@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks.core.stage import (ParamsError, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
-                              params_section, run_stage)
+from tasks.core.stage import (ParamsError, Stage, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
+                              params_section)
 from tasks.curate import svgplot
 from tasks.curate.select import per_question_text
 
@@ -321,9 +321,14 @@ underlined. Kept traces are in at least one subset, rejected ones in none.</p>{l
 """
 
 
+STAGE = Stage(report, Params, paths=[
+    ("outputs", "the pipeline's outputs/ tree"),
+    ("out_dir", "where report.html and plots/ go"),
+])
+
+
 def main(argv: list[str] | None = None):
-    return run_stage("report", Params, [("outputs", "the pipeline's outputs/ tree"),
-                                        ("out_dir", "where report.html and plots/ go")], report, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from tasks.core.artifacts import read_extract
 from tasks.core.schema import STEP_SCORE_SCHEMA
-from tasks.core.stage import (ParamsError, StageInputError, StageLedger, atomic_outputs, params_section, run_stage,
+from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_outputs, params_section,
                               write_parquet)
 
 METHODS = ("grace", "random", "full", "length", "loss", "answer_loss", "ifd", "sample_align")
@@ -176,10 +176,14 @@ def score(extract: Path, out_dir: Path, params: Params) -> dict:
     return ledger.write_stats(Path(out_dir) / "stats.json")
 
 
+STAGE = Stage(score, Params, paths=[
+    ("extract", "extract output directory (holds shards/)"),
+    ("out_dir", "directory for step_scores.parquet and stats.json"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("score", Params, [("extract", "extract output directory (holds shards/)"),
-                                       ("out_dir", "directory for step_scores.parquet and stats.json")],
-                     score, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
-from tasks.core.stage import (ParamsError, StageInputError, StageLedger, atomic_outputs, params_section, run_stage,
+from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_outputs, params_section,
                               write_parquet)
 from tasks.curate.answers import last_marker_start
 
@@ -272,9 +272,14 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 
+STAGE = Stage(segment, Params, paths=[
+    ("traces", "ingest traces.parquet"),
+    ("out_dir", "output directory"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("segment", Params, [("traces", "ingest traces.parquet"), ("out_dir", "output directory")],
-                     segment, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

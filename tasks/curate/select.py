@@ -41,8 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core.schema import RANKING_SCHEMA
-from tasks.core.stage import (ParamsError, StageInputError, atomic_outputs, atomic_write_text, params_section,
-                              run_stage, stage_logger, write_json, write_parquet)
+from tasks.core.stage import (ParamsError, Stage, StageInputError, atomic_outputs, atomic_write_text, params_section,
+                              stage_logger, write_json, write_parquet)
 from tasks.curate.cluster import read_clusters
 
 MISSING_STRATUM = "<missing>"
@@ -296,19 +296,16 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
     return manifest
 
 
+STAGE = Stage(select, Params, paths=[
+    ("sample_scores", "aggregate's sample_scores.parquet"),
+    ("segments", "segment's segments.parquet (the raw input records)"),
+    ("clusters", "the cluster stage's clusters.parquet (problem clusters: coverage, within_clusters)"),
+    ("out_dir", "where subsets/ and manifest.json go"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage(
-        "select",
-        Params,
-        [
-            ("sample_scores", "aggregate's sample_scores.parquet"),
-            ("segments", "segment's segments.parquet (the raw input records)"),
-            ("clusters", "the cluster stage's clusters.parquet (problem clusters: coverage, within_clusters)"),
-            ("out_dir", "where subsets/ and manifest.json go"),
-        ],
-        select,
-        argv,
-    )
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

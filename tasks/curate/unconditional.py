@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tasks.core.artifacts import pack_batches
 from tasks.core.progress import show_progress
 from tasks.core.schema import UNCONDITIONAL_SCHEMA
-from tasks.core.stage import StageLedger, atomic_outputs, run_stage, write_parquet
+from tasks.core.stage import Stage, StageLedger, atomic_outputs, write_parquet
 from tasks.curate.extract import Params, read_segment_batches
 from tasks.curate.proxy import ProxyModel, resolve_device
 from tasks.curate.spans import EncodedTrace, encode_traces, trace_spans
@@ -107,12 +107,16 @@ def unconditional(segments: Path, model: Path, out_dir: Path, params: Params) ->
     return ledger.write(Path(out_dir) / "stats.json", Path(out_dir) / "quarantine.jsonl")
 
 
+# The `extract` section, not one of its own: chat_template and max_length must be extract's.
+STAGE = Stage(unconditional, Params, paths=[
+    ("segments", "segments.parquet from the segment stage"),
+    ("model", "model directory from the model stage"),
+    ("out_dir", "directory for losses.parquet, quarantine.jsonl, stats.json"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    # The `extract` section, not one of its own: chat_template and max_length must be extract's.
-    return run_stage("extract", Params, [("segments", "segments.parquet from the segment stage"),
-                                         ("model", "model directory from the model stage"),
-                                         ("out_dir", "directory for losses.parquet, quarantine.jsonl, stats.json")],
-                     unconditional, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, params_section, run_stage, stage_logger, write_json
+from tasks.core.stage import ParamsError, Stage, params_section, stage_logger, write_json
 
 DOCS_SITE = "grace_outputs"
 
@@ -165,14 +165,14 @@ def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     return report
 
 
+STAGE = Stage(validate, Params, paths=[
+    ("outputs", "the outputs/ tree of the pipeline"),
+    ("out_dir", "where results.json and data_docs/ go"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage(
-        "validate",
-        Params,
-        [("outputs", "the outputs/ tree of the pipeline"), ("out_dir", "where results.json and data_docs/ go")],
-        validate,
-        argv,
-    )
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.core.artifacts import read_extract, read_losses
-from tasks.core.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json
+from tasks.core.stage import ParamsError, Stage, atomic_write_text, params_section, write_json
 from tasks.curate import aggregate as aggregate_stage
 from tasks.curate import score as score_stage
 from tasks.curate.baselines import BASELINES
@@ -161,14 +161,16 @@ def markdown(report: dict, fractions) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE = Stage(diagnostics, Params, paths=[
+    ("extract_dir", "extract output directory (holds shards/)"),
+    ("unconditional", "losses.parquet from the unconditional stage (the ifd baseline)"),
+    ("labels", "labels.jsonl: corrupted, corruption, bad_step, n_steps per id"),
+    ("out_dir", "directory for diagnostics.json and diagnostics.md"),
+], extra_sections=[("score", score_stage.Params), ("aggregate", aggregate_stage.Params)])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("diagnostics", Params,
-                     [("extract_dir", "extract output directory (holds shards/)"),
-                      ("unconditional", "losses.parquet from the unconditional stage (the ifd baseline)"),
-                      ("labels", "labels.jsonl: corrupted, corruption, bad_step, n_steps per id"),
-                      ("out_dir", "directory for diagnostics.json and diagnostics.md")],
-                     diagnostics, argv, extra_sections=[("score", score_stage.Params),
-                                                        ("aggregate", aggregate_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

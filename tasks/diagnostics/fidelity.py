@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.core.artifacts import read_extract
-from tasks.core.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json, write_parquet
+from tasks.core.stage import ParamsError, Stage, atomic_write_text, params_section, write_json, write_parquet
 from tasks.curate import aggregate as aggregate_stage
 from tasks.curate import extract as extract_stage
 from tasks.curate import score as score_stage
@@ -186,14 +186,20 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE = Stage(fidelity, Params, paths=[
+    ("segments", "segments.parquet from the segment stage"),
+    ("extract_dir", "extract output directory (holds shards/)"),
+    ("model", "model directory from the model stage"),
+    ("out_dir", "directory for fidelity.json, fidelity.md and steps.parquet"),
+], extra_sections=[
+    ("extract", extract_stage.Params),
+    ("score", score_stage.Params),
+    ("aggregate", aggregate_stage.Params),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("fidelity", Params,
-                     [("segments", "segments.parquet from the segment stage"),
-                      ("extract_dir", "extract output directory (holds shards/)"),
-                      ("model", "model directory from the model stage"),
-                      ("out_dir", "directory for fidelity.json, fidelity.md and steps.parquet")],
-                     fidelity, argv, extra_sections=[("extract", extract_stage.Params), ("score", score_stage.Params),
-                                                     ("aggregate", aggregate_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, atomic_write_text, params_section, run_stage, write_json
+from tasks.core.stage import ParamsError, Stage, atomic_write_text, params_section, write_json
 from tasks.diagnostics.diagnostics import read_labels
 from tasks.diagnostics.rankstats import auroc
 
@@ -109,11 +109,15 @@ def markdown(rows: list[dict], scorers: dict, params: Params) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGE = Stage(diagnose, Params, paths=[
+    ("subsets", "the fine-tune pipeline's subsets directory (its index.json)"),
+    ("labels", "labels.jsonl: id, corrupted and the group field per trace"),
+    ("out_dir", "where subsets.json and subsets.md go"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("subset_diagnostics", Params,
-                     [("subsets", "the fine-tune pipeline's subsets directory (its index.json)"),
-                      ("labels", "labels.jsonl: id, corrupted and the group field per trace"),
-                      ("out_dir", "where subsets.json and subsets.md go")], diagnose, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from tasks.core.stage import atomic_write_text, run_stage, write_json
+from tasks.core.stage import Stage, atomic_write_text, write_json
 from tasks.curate.select import fraction_subset_name
 from tasks.finetune.subsets import Params
 
@@ -159,10 +159,14 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
     return {"rows": len(rows), "runs": len(records)}
 
 
+STAGE = Stage(report, Params, paths=[
+    ("runs", "output directory of the runs stage (tasks.finetune.runs)"),
+    ("out_dir", "directory for results.md, metrics.json, plots/"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("finetune_eval", Params, [("runs", "output directory of the runs stage (tasks.finetune.runs)"),
-                                               ("out_dir", "directory for results.md, metrics.json, plots/")],
-                     report, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

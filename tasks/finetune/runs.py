@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from tasks.core.closure import import_closure
 from tasks.core.progress import show_progress
-from tasks.core.stage import run_stage, write_json
+from tasks.core.stage import Stage, write_json
 from tasks.curate import ingest as ingest_stage
 from tasks.curate.proxy import model_identity
 from tasks.finetune import evaluate, train, trunk
@@ -139,13 +139,17 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
     return stats
 
 
+STAGE = Stage(run_all, Params, paths=[
+    ("subsets", "output directory of the subsets stage (tasks.finetune.subsets)"),
+    ("segments", "segments.parquet: the training texts"),
+    ("test", "traces.parquet of the held-out test set (ingest stage)"),
+    ("model", "model directory (model stage)"),
+    ("out_dir", "directory for the run results"),
+], extra_sections=[("ingest", ingest_stage.Params)])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("finetune_eval", Params,
-                     [("subsets", "output directory of the subsets stage (tasks.finetune.subsets)"),
-                      ("segments", "segments.parquet: the training texts"),
-                      ("test", "traces.parquet of the held-out test set (ingest stage)"),
-                      ("model", "model directory (model stage)"), ("out_dir", "directory for the run results")],
-                     run_all, argv, extra_sections=[("ingest", ingest_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.core.stage import run_stage, write_json, write_parquet
+from tasks.core.stage import Stage, write_json, write_parquet
 from tasks.curate import extract as extract_stage
 from tasks.finetune.subsets import Params
 
@@ -57,12 +57,16 @@ def build_scorers(segments: Path, model: Path, warmup: Path, out_dir: Path, para
     return summary
 
 
+STAGE = Stage(build_scorers, Params, paths=[
+    ("segments", "segments.parquet (segment stage)"),
+    ("model", "the base model (model stage)"),
+    ("warmup", "the warmup stage's output directory (its model/)"),
+    ("out_dir", "directory for one extract output per scorer"),
+], extra_sections=[("extract", extract_stage.Params)])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("finetune_eval", Params,
-                     [("segments", "segments.parquet (segment stage)"), ("model", "the base model (model stage)"),
-                      ("warmup", "the warmup stage's output directory (its model/)"),
-                      ("out_dir", "directory for one extract output per scorer")],
-                     build_scorers, argv, extra_sections=[("extract", extract_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

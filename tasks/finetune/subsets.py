@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, params_section, run_stage, write_json
+from tasks.core.stage import ParamsError, Stage, params_section, write_json
 from tasks.curate import aggregate as aggregate_stage
 from tasks.curate import score as score_stage
 from tasks.curate import select as select_stage
@@ -185,18 +185,24 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
     return {"runs": len(runs)}
 
 
+STAGE = Stage(build_subsets, Params, paths=[
+    ("step_scores", "step_scores.parquet (score stage)"),
+    ("extract", "extract output directory"),
+    ("unconditional", "losses.parquet (unconditional stage; read for method ifd)"),
+    ("segments", "segments.parquet (segment stage)"),
+    ("clusters", "clusters.parquet (cluster stage): coverage and within_clusters"),
+    ("scorers", "the scorers stage's output directory (tasks.finetune.scorers)"),
+    ("warmup", "the warmup stage's output directory (its ids.txt)"),
+    ("out_dir", "directory for the subsets and index.json"),
+], extra_sections=[
+    ("score", score_stage.Params),
+    ("aggregate", aggregate_stage.Params),
+    ("select", select_stage.Params),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("finetune_eval", Params,
-                     [("step_scores", "step_scores.parquet (score stage)"), ("extract", "extract output directory"),
-                      ("unconditional", "losses.parquet (unconditional stage; read for method ifd)"),
-                      ("segments", "segments.parquet (segment stage)"),
-                      ("clusters", "clusters.parquet (cluster stage): coverage and within_clusters"),
-                      ("scorers", "the scorers stage's output directory (tasks.finetune.scorers)"),
-                      ("warmup", "the warmup stage's output directory (its ids.txt)"),
-                      ("out_dir", "directory for the subsets and index.json")],
-                     build_subsets, argv, extra_sections=[("score", score_stage.Params),
-                                                          ("aggregate", aggregate_stage.Params),
-                                                          ("select", select_stage.Params)])
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

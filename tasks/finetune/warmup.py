@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, StageLedger, atomic_write_text, params_section, run_stage
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_write_text, params_section
 
 
 @params_section("warmup")
@@ -121,10 +121,15 @@ def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     return ledger.write_stats(out_dir / "stats.json")
 
 
+STAGE = Stage(warmup, Params, paths=[
+    ("segments", "segments.parquet (segment stage): the pool"),
+    ("model", "the base scoring model directory (model stage)"),
+    ("out_dir", "where model/, ids.txt and stats.json go"),
+])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_stage("warmup", Params, [("segments", "segments.parquet (segment stage): the pool"),
-                                        ("model", "the base scoring model directory (model stage)"),
-                                        ("out_dir", "where model/, ids.txt and stats.json go")], warmup, argv)
+    return STAGE.main(argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ against the session's throwaway Prefect API (tests/flows/conftest.py).
 
 from __future__ import annotations
 
+import importlib
 import json
 import shlex
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
                                             FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter,
@@ -24,10 +26,11 @@ from prefect_dask import DaskTaskRunner
 
 import tasks.core.artifacts
 import tasks.curate.extract
+from tasks.core.stage import ParamsError, StageInputError
 from tasks.curate.validate import ExpectationsFailed
-from flows.curate import (EPHEMERAL_STARTUP_SECONDS, SUMMARY_ARTIFACT_KEY, curate, prefect_settings, dask_task_runner,
-                          ingest_task, model_task, score_task, segment_task, stage_paths, summary_markdown,
-                          validation_report)
+from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
+                          dask_task_runner, ingest_task, model_task, prefect_settings, retry_if_transient, score_task,
+                          segment_task, stage_paths, summary_markdown, validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
 STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
@@ -221,3 +224,42 @@ def test_failed_validation_still_reported(tmp_path):
     assert "## Validation: FAILED" in markdown and "3 expectations in 1 suites, 1 failed." in markdown
     assert "- ids: expect_column_values_to_be_unique [id] observed 2" in markdown
     assert "FileNotFoundError: outputs/score missing" in summary_markdown({"stages": {"validate": crashed}})
+
+
+def test_the_flow_passes_each_stage_the_paths_its_module_declares():
+    """STAGE_PATHS holds where the files are; which keywords a stage takes is its STAGE's."""
+    for stage, paths in STAGE_PATHS.items():
+        declared = importlib.import_module(f"tasks.curate.{stage}").STAGE
+        assert {name for name, _ in declared.paths} <= set(paths) <= set(declared.path_names), stage
+
+
+@pytest.mark.parametrize("error, retried", [
+    (OSError("NFS server not responding"), True), (ConnectionResetError(), True), (TimeoutError(), True),
+    (RuntimeError("CUDA out of memory"), True),
+    (ParamsError("params.yaml [score]: ..."), False), (StageInputError("no records"), False),
+    (ValueError("deterministic"), False), (TypeError("bug"), False), (KeyError("id"), False),
+    (ExpectationsFailed("1 failed"), False),
+])
+def test_retry_condition_retries_only_transient_errors(error, retried):
+    assert retry_if_transient(None, None, Failed(data=error)) is retried
+
+
+def test_a_task_retries_an_os_error_and_not_a_value_error(prefect_api):
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, **STAGE_TASK)
+    def flaky(error_type: type) -> str:
+        calls.append(error_type)
+        if len(calls) < 3:
+            raise error_type("failed")
+        return "ok"
+
+    @flow
+    def run(error_type: type) -> str:
+        return flaky(error_type)
+
+    assert run(OSError) == "ok" and len(calls) == 3  # retried twice, then passed
+    calls.clear()
+    with pytest.raises(ValueError):
+        run(ValueError)
+    assert len(calls) == 1  # a deterministic error: not retried

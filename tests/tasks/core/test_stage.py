@@ -167,3 +167,68 @@ def test_ledger_without_quarantine_logs_and_splits_metrics_from_stats(tmp_path, 
     assert [r.getMessage() for r in tasks_log] == ["score: read 5, kept 5, quarantined 0"]
     assert json.loads((tmp_path / "stats.json").read_text()) == stats and stats["gradient"] == "proxy"
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"mean_alpha": 0.25}
+
+
+# ---- one declaration per stage: STAGE, read by the command line, the flow and dvc.yaml -------------
+def stage_modules() -> dict[str, object]:
+    """Every module of tasks/ that declares a STAGE, by dotted name."""
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in sorted((REPO / "tasks").rglob("*.py"))
+             if "\nSTAGE = Stage(" in p.read_text(encoding="utf-8")]
+    return {name: importlib.import_module(name) for name in names}
+
+
+def test_every_dvc_stage_passes_exactly_the_paths_its_module_declares():
+    """dvc.yaml's --flags are the STAGE's paths (the optional ones may be left out); the module's
+    main is STAGE.main, so the command line has nothing of its own."""
+    modules, checked = stage_modules(), 0
+    assert len(modules) >= 20
+    for pipeline in ("dvc.yaml", "finetune/dvc.yaml", "diagnostics/dvc.yaml"):
+        for name, entry in yaml.safe_load((REPO / pipeline).read_text(encoding="utf-8"))["stages"].items():
+            argv = entry["cmd"].split("#")[0].split()
+            stage = modules[argv[2]].STAGE
+            flags = {arg[2:].replace("-", "_") for arg in argv[3:] if arg.startswith("--")} - {"params"}
+            required = {path for path, _ in stage.paths}
+            assert required <= flags <= set(stage.path_names), (pipeline, name, sorted(flags ^ required))
+            checked += 1
+    assert checked >= 20
+
+
+def test_the_command_line_names_its_own_module(capsys):
+    """unconditional reads the extract section, but its --help is its own (it said tasks.extract)."""
+    from tasks.curate import unconditional
+
+    with pytest.raises(SystemExit):
+        unconditional.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m tasks.curate.unconditional ")
+    assert unconditional.STAGE.section == "extract"
+
+
+def test_python_dash_m_names_the_module_too():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tasks.curate.score", "--help"], capture_output=True, text=True,
+                            cwd=REPO, check=True)
+    assert result.stdout.startswith("usage: python -m tasks.curate.score ")
+
+
+def test_run_passes_paths_params_and_extra_sections(tmp_path):
+    seen = {}
+
+    def core(extract, out_dir, params, score, unconditional=None):
+        seen.update(extract=extract, out_dir=out_dir, params=params, score=score, unconditional=unconditional)
+        return "done"
+
+    declared = tasks.core.stage.Stage(core, select.Params, paths=[("extract", "e"), ("out_dir", "o")],
+                                      optional_paths=[("unconditional", "u")], extra_sections=[("score", score.Params)])
+    params = tmp_path / "params.yaml"
+    params.write_text("select: {fractions: [0.5]}\nscore: {lambda_: 0.25}\n")
+    assert declared.run(params, extract="x", out_dir=tmp_path / "o") == "done"
+    assert seen == {"extract": Path("x"), "out_dir": tmp_path / "o", "params": select.Params(fractions=(0.5,)),
+                    "score": score.Params(lambda_=0.25), "unconditional": None}
+    with pytest.raises(TypeError, match="no path"):
+        declared.run(params, extract="x", out_dir="o", clusters="c")
+    declared.main(["--params", str(params), "--extract", "x", "--out-dir", "o"])  # --unconditional may be left out
+    assert seen["unconditional"] is None
+    declared.main(["--params", str(params), "--extract", "x", "--out-dir", "o", "--unconditional", "u.parquet"])
+    assert seen["unconditional"] == Path("u.parquet")
