@@ -28,8 +28,9 @@ import inspect
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import State, flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -86,9 +87,9 @@ STAGE_PATHS: dict[str, dict[str, str]] = {
     "score": {"extract": "{outputs}/extract", "out_dir": "{outputs}/score"},
     "cluster": {"extract": "{outputs}/extract", "out_dir": "{outputs}/cluster"},
     "unconditional": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
-                      "out_dir": "{outputs}/unconditional"},
+                      "out_dir": "{outputs}/unconditional"},  # finetune/dvc.yaml's: only score.method ifd reads it
     "aggregate": {"step_scores": "{outputs}/score/step_scores.parquet", "extract": "{outputs}/extract",
-                  "unconditional": "{outputs}/unconditional/losses.parquet", "out_dir": "{outputs}/aggregate"},
+                  "out_dir": "{outputs}/aggregate"},  # + unconditional's losses.parquet for the IFD baseline
     "select": {"sample_scores": "{outputs}/aggregate/sample_scores.parquet",
                "segments": "{outputs}/segment/segments.parquet", "clusters": "{outputs}/cluster/clusters.parquet",
                "out_dir": "{outputs}/select"},
@@ -195,7 +196,8 @@ def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: 
 
 
 @task(name="aggregate", **STAGE_TASK)
-def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_dir: Path, params_path: Path) -> dict:
+def aggregate_task(step_scores: Path, extract: Path, out_dir: Path, params_path: Path,
+                   unconditional: Path | None = None) -> dict:
     """Turn step scores (or a baseline) into one score per trace."""
     return tasks.curate.aggregate.STAGE.run(params_path, step_scores=step_scores, extract=extract,
                                             unconditional=unconditional, out_dir=out_dir)
@@ -284,20 +286,25 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def summary_markdown(summary: dict) -> str:
-    """The run summary as Markdown: per-stage counts, subsets with thresholds, validation status."""
+    """The run summary as Markdown: per-stage counts and wall time, subsets with thresholds, validation status."""
     lines = ["# GRACE curation run", ""]
     model = summary["stages"].get("model")
     if model:
         lines += [f"Scoring model: {model.get('source')} (identity {str(model.get('identity'))[:12]})", ""]
-    lines += ["| stage | read | kept | quarantined | quarantined by reason |", "|---|---:|---:|---:|---|"]
+    lines += ["| stage | read | kept | quarantined | quarantined by reason | seconds |", "|---|---:|---:|---:|---|---:|"]
+    seconds = summary.get("seconds", {})
     for stage, stats in summary["stages"].items():
-        if "read" not in stats or stage == "export":  # these report other things, below
-            continue
+        if "read" not in stats or stage == "export":  # model, select, validate, export report other things, below
+            stats = {}
         reasons = ", ".join(f"{key.removeprefix('quarantined_')}: {n}" for key, n in sorted(stats.items())
                             if key.startswith("quarantined_")) or "-"
         lines.append(f"| {stage} | {_cell(stats.get('read'))} | {_cell(stats.get('kept'))} | "
-                     f"{_cell(stats.get('quarantined'))} | {reasons} |")
+                     f"{_cell(stats.get('quarantined'))} | {reasons} | {_seconds(seconds.get(stage))} |")
     manifest = summary["stages"].get("select", {})
     lines += ["", f"## Subsets (score method: {manifest.get('method', '-')}, "
                   f"{_cell(manifest.get('n_scored'))} scored traces)", "",
@@ -345,34 +352,48 @@ def validation_report(state: State, out_dir: Path) -> dict:
 @flow(name="grace-curate")
 def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "data/gsm_noisy/pool.jsonl",
            outputs_dir: str | Path = "outputs") -> dict:
-    """Run every dvc.yaml stage in its order; publish a Markdown summary; return it as a dict."""
+    """Run every dvc.yaml stage in its order (and unconditional for score.method ifd); publish a
+    Markdown summary with each stage's counts and time; return it as a dict."""
     forward_stage_logs()
     params_file = Path(params_path)
     paths = stage_paths(input_path, outputs_dir)
     stages: dict[str, dict] = {}
-    stages["ingest"] = ingest_task(**paths["ingest"], params_path=params_file)
-    stages["segment"] = segment_task(**paths["segment"], params_path=params_file)
-    stages["model"] = model_task(**paths["model"], params_path=params_file)
+    seconds: dict[str, float] = {}  # wall time per stage, for the summary
+
+    def timed(stage: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return call(**kwargs)
+        finally:
+            seconds[stage] = round(time.perf_counter() - started, 1)
+
+    stages["ingest"] = timed("ingest", ingest_task, **paths["ingest"], params_path=params_file)
+    stages["segment"] = timed("segment", segment_task, **paths["segment"], params_path=params_file)
+    stages["model"] = timed("model", model_task, **paths["model"], params_path=params_file)
     runner = dask_task_runner(tasks.curate.extract.STAGE.read_params(params_file))
     if runner is None:
-        stages["extract"] = extract_task(**paths["extract"], params_path=params_file)
+        stages["extract"] = timed("extract", extract_task, **paths["extract"], params_path=params_file)
     else:
         # Absolute paths: a remote scheduler's workers do not share this process's working directory.
         shard_paths = {name: path.resolve() for name, path in paths["extract"].items()}
-        stages["extract"] = extract_sharded.with_options(task_runner=runner)(**shard_paths,
-                                                                            params_path=params_file.resolve())
-    stages["score"] = score_task(**paths["score"], params_path=params_file)
-    stages["cluster"] = cluster_task(**paths["cluster"], params_path=params_file)
-    stages["unconditional"] = unconditional_task(**paths["unconditional"], params_path=params_file)
-    stages["aggregate"] = aggregate_task(**paths["aggregate"], params_path=params_file)
-    stages["select"] = select_task(**paths["select"], params_path=params_file)
+        stages["extract"] = timed("extract", extract_sharded.with_options(task_runner=runner), **shard_paths,
+                                  params_path=params_file.resolve())
+    stages["score"] = timed("score", score_task, **paths["score"], params_path=params_file)
+    stages["cluster"] = timed("cluster", cluster_task, **paths["cluster"], params_path=params_file)
+    aggregate_paths = paths["aggregate"]
+    if tasks.curate.score.STAGE.read_params(params_file).method in tasks.curate.aggregate.NEEDS_UNCONDITIONAL:
+        stages["unconditional"] = timed("unconditional", unconditional_task, **paths["unconditional"],
+                                        params_path=params_file)
+        aggregate_paths = {**aggregate_paths, "unconditional": paths["unconditional"]["out_dir"] / "losses.parquet"}
+    stages["aggregate"] = timed("aggregate", aggregate_task, **aggregate_paths, params_path=params_file)
+    stages["select"] = timed("select", select_task, **paths["select"], params_path=params_file)
     # Failed expectations still get their summary published; the run then fails without exporting.
-    validation = validate_task(**paths["validate"], params_path=params_file, return_state=True)
+    validation = timed("validate", validate_task, **paths["validate"], params_path=params_file, return_state=True)
     stages["validate"] = validation_report(validation, paths["validate"]["out_dir"])
     if validation.is_completed():
-        stages["export"] = export_task(**paths["export"], params_path=params_file)
-        stages["report"] = report_task(**paths["report"], params_path=params_file)
-    summary = {"stages": stages, "subsets": stages["select"]["n_selected"]}
+        stages["export"] = timed("export", export_task, **paths["export"], params_path=params_file)
+        stages["report"] = timed("report", report_task, **paths["report"], params_path=params_file)
+    summary = {"stages": stages, "subsets": stages["select"]["n_selected"], "seconds": seconds}
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
                              description="GRACE curation: counts per stage, subsets, validation")
     validation.result()  # re-raises a failed validation

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -25,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import types
 import typing
 from collections import Counter
@@ -39,6 +41,9 @@ import yaml
 from tasks.core.schema import QuarantineRecord
 
 P = TypeVar("P")
+# perf_counter at the start of the running Stage.run: a ledger's `seconds` count from there, not
+# from wherever the core made its ledger (extract makes it in finalize, after the model work)
+STAGE_STARTED: contextvars.ContextVar[float | None] = contextvars.ContextVar("stage_started", default=None)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"  # messages begin with their stage: "ingest: read 30, ..."
 
 
@@ -240,7 +245,11 @@ class Stage:
         if unknown:
             raise TypeError(f"{module_name(self.core)}: no path(s) {unknown}; it takes {list(self.path_names)}")
         given = {name: None if value is None else Path(value) for name, value in paths.items()}
-        return self.core(**given, **self.settings(params_path))
+        started = STAGE_STARTED.set(time.perf_counter())
+        try:
+            return self.core(**given, **self.settings(params_path))
+        finally:
+            STAGE_STARTED.reset(started)
 
     def main(self, argv: list[str] | None = None) -> Any:
         """The shared command line: `--params FILE` plus one `--<name> PATH` per declared path."""
@@ -351,6 +360,11 @@ class StageLedger:
         self.quarantine: list[QuarantineRecord] = []
         self.extra: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.started = STAGE_STARTED.get() or time.perf_counter()  # the stage's start, where Stage.run set it
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
 
     def count_read(self, n: int = 1) -> None:
         self.read += n
@@ -378,6 +392,7 @@ class StageLedger:
             "quarantined": len(self.quarantine),
             **{f"quarantined_{reason}": n for reason, n in by_reason.items()},
             **self.extra,
+            "seconds": self.seconds,  # wall time of the stage so far: a run counter, not a result
         }
         return stats
 
@@ -400,10 +415,11 @@ class StageLedger:
             )
 
     def summary_line(self) -> str:
-        """'ingest: read 30, kept 0, quarantined 30 (missing_field 30)': the counts a user checks first."""
+        """'ingest: read 30, kept 0, quarantined 30 (missing_field 30) in 0.2 s': the counts a user checks
+        first, and how long the stage took."""
         reasons = ", ".join(f"{reason} {n}" for reason, n in self.quarantined_by_reason.items())
         return (f"{self.stage}: read {self.read}, kept {self.kept}, quarantined {len(self.quarantine)}"
-                + (f" ({reasons})" if reasons else ""))
+                + (f" ({reasons})" if reasons else "") + f" in {self.seconds:.1f} s")
 
     def write_stats(self, stats_path: str | os.PathLike) -> dict[str, Any]:
         """stats.json (and metrics.json beside it), for a stage that writes no quarantine file."""

@@ -1,7 +1,8 @@
 """Stage `aggregate`: one score per trace, higher = keep first (GRACE or a baseline).
 
     python -m tasks.curate.aggregate --step-scores outputs/score/step_scores.parquet \
-        --extract outputs/extract --out-dir outputs/aggregate
+        --extract outputs/extract --out-dir outputs/aggregate \
+        [--unconditional outputs/unconditional/losses.parquet]  # score.method ifd only
 
 score.method=grace turns each trace's step scores s_1..s_K into a sample score by `how`:
     mean        (1/K) sum_k s_k
@@ -12,7 +13,9 @@ score.method=grace turns each trace's step scores s_1..s_K into a sample score b
     token_mean  sum_k n_k s_k / sum_k n_k with n_k the step's loss tokens (plain mean if all n_k = 0)
 Skipped steps (score.first_step=skip) have no step score and are left out. A trace none of whose steps
 has a step score (one step, skipped) falls back to the mean of its alphas; stats.json counts these.
-Any other score.method is a baseline of tasks/curate/baselines.py, computed from the extract table alone.
+Any other score.method is a baseline of tasks/curate/baselines.py, computed from the extract table;
+ifd also reads the unconditional stage's losses, which only finetune/dvc.yaml computes (the default
+`dvc repro` does not: 27 of a first run's 61 minutes went to it), so it needs --unconditional.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import pyarrow.parquet as pq
 
 from tasks.core.artifacts import read_extract, read_losses
 from tasks.core.schema import SAMPLE_SCORE_SCHEMA
-from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
+from tasks.core.stage import ParamsError, Stage, StageInputError, StageLedger, atomic_outputs, params_section, write_parquet
 from tasks.curate import score as score_stage
 from tasks.curate.baselines import baseline_scores, span_sums
 
 HOWS = ("mean", "min", "softmin", "token_mean")
+NEEDS_UNCONDITIONAL = ("ifd",)  # the score.method values that read the unconditional stage's losses
 
 
 @params_section("aggregate")
@@ -86,6 +90,12 @@ def grace_sample_scores(steps: pa.Table, how: str, tau: float) -> tuple[np.ndarr
 def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
               score: score_stage.Params, unconditional: Path | None = None) -> dict:
     """Sample scores for every extracted trace: sample_scores.parquet (best first), stats.json."""
+    if score.method in NEEDS_UNCONDITIONAL and (unconditional is None or not Path(unconditional).is_file()):
+        given = "no --unconditional" if unconditional is None else f"no file {unconditional}"
+        raise StageInputError(
+            f"aggregate: score.method {score.method} reads the unconditional stage's losses ({given}); the default "
+            "pipeline does not compute them: run `dvc repro finetune/dvc.yaml:unconditional`, then pass "
+            "--unconditional outputs/unconditional/losses.parquet (the Prefect flow runs unconditional itself)")
     table = read_extract(Path(extract))  # sorted by id
     ledger = StageLedger("aggregate")
     ledger.count_read(table.num_rows)
@@ -102,9 +112,7 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
         if params.how == "softmin":
             ledger.extra["softmin_tau"] = params.softmin_tau
     else:
-        losses = None
-        if score.method == "ifd" and unconditional is not None:  # unconditional: losses.parquet, ifd only
-            losses = read_losses(Path(unconditional))
+        losses = read_losses(Path(unconditional)) if score.method in NEEDS_UNCONDITIONAL else None
         scores = baseline_scores(score.method, table, seed=params.random_seed, gradient=score.gradient,
                                  unconditional=losses)
         if score.method == "random":
@@ -133,8 +141,9 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
 STAGE = Stage(aggregate, Params, paths=[
     ("step_scores", "step_scores.parquet from the score stage"),
     ("extract", "extract output directory (holds shards/)"),
-    ("unconditional", "losses.parquet from the unconditional stage (read by score.method: ifd)"),
     ("out_dir", "directory for sample_scores.parquet and stats.json"),
+], optional_paths=[
+    ("unconditional", "losses.parquet from the unconditional stage (finetune/dvc.yaml): score.method ifd only"),
 ], extra_sections=[("score", score_stage.Params)])
 
 

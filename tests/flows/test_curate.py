@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -33,9 +34,9 @@ from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SU
                           segment_task, stage_paths, summary_markdown, validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
-STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
-          "export", "report"]
-COUNTED = ["ingest", "segment", "extract", "score", "cluster", "unconditional", "aggregate", "export", "report"]
+STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "aggregate", "select", "validate", "export",
+          "report"]  # unconditional runs for score.method ifd only
+COUNTED = ["ingest", "segment", "extract", "score", "cluster", "aggregate", "export", "report"]
 
 
 def run_curate(root: Path):
@@ -69,7 +70,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
     for stage, on_disk in stats.items():
         assert summary["stages"][stage] == on_disk
         assert on_disk["read"] == on_disk["kept"] + on_disk["quarantined"]
-    for stage in ["ingest", "segment", "extract", "unconditional", "export", "report"]:
+    for stage in ["ingest", "segment", "extract", "export", "report"]:
         lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == stats[stage]["quarantined"]
     assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
@@ -84,7 +85,8 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
         "part-00000.parquet", "part-00001.parquet"]
     assert tasks.core.artifacts.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
     assert stats["score"]["read"] == stats["extract"]["kept"]
-    assert stats["unconditional"]["read"] == stats["segment"]["kept"]
+    assert not (outputs / "unconditional").exists()  # the default method (grace) does not read it
+    assert list(summary["seconds"]) == STAGES and all(s >= 0 for s in summary["seconds"].values())
     n_scored = pq.read_metadata(outputs / "aggregate" / "sample_scores.parquet").num_rows
     assert n_scored == stats["score"]["kept"] == 4
     assert read_json(outputs / "model" / "model_info.json")["identity"] == summary["stages"]["model"]["identity"]
@@ -113,6 +115,9 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert markdown == summary_markdown(state.result())
     assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_assistant_turn: 1 |" in markdown
     assert "| segment | 5 | 4 | 1 | no_steps: 1 |" in markdown
+    assert "| stage | read | kept | quarantined | quarantined by reason | seconds |" in markdown
+    for stage, seconds in state.result()["seconds"].items():  # every stage has its wall time
+        assert re.search(rf"^\| {stage} \|.*\| {seconds:.1f} \|$", markdown, flags=re.MULTILINE), stage
     top50 = read_json(root / "outputs" / "select" / "manifest.json")["subsets"]["top50pct"]
     tokens, threshold = top50["n_tokens"], top50["score_threshold"]
     assert f"| top50pct | top 50% of traces | 2 | {tokens} | {threshold:.4g} |" in markdown
@@ -130,8 +135,9 @@ def test_stage_log_lines_reach_the_run_log(in_process_run):
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200)
     messages = [log.message for log in logs]
-    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1)" in messages
-    assert "segment: read 5, kept 4, quarantined 1 (no_steps 1)" in messages
+    for line in ["ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1) in ",
+                 "segment: read 5, kept 4, quarantined 1 (no_steps 1) in "]:
+        assert any(m.startswith(line) and m.endswith(" s") for m in messages), (line, messages)
     assert any(m.startswith("extract: 4/4 traces (100%)") for m in messages), messages
     assert any(m.startswith("select: ranked 4, top50pct 2 (threshold ") for m in messages), messages
     assert "validate: " in " ".join(messages)
@@ -193,6 +199,9 @@ def test_stage_paths_are_dvc_yaml_paths():
     """The flow passes each core function exactly the paths dvc.yaml's command passes its CLI."""
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(dvc_stages) == STAGES
+    # unconditional, which only score.method ifd reads, is finetune/dvc.yaml's (where the ifd subsets are made)
+    dvc_stages["unconditional"] = yaml.safe_load((REPO / "finetune/dvc.yaml").read_text(encoding="utf-8"))[
+        "stages"]["unconditional"]
     pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
     assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
     for stage, paths in stage_paths(pool, "outputs").items():

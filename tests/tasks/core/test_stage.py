@@ -7,6 +7,8 @@ import ast
 import errno
 import importlib
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -153,7 +155,8 @@ def test_a_stage_logs_read_kept_and_quarantined_by_reason_in_one_line(tmp_path, 
     params.write_text("ingest: {}\n")
     ingest_main(["--params", str(params), "--input", str(pool), "--out-dir", str(tmp_path / "out")])
     lines = [r.getMessage() for r in tasks_log if r.name == "tasks.ingest"]
-    assert lines == ["ingest: read 6, kept 2, quarantined 4 (empty_field 1, missing_field 3)"]
+    assert len(lines) == 1 and re.fullmatch(
+        r"ingest: read 6, kept 2, quarantined 4 \(empty_field 1, missing_field 3\) in \d+\.\d s", lines[0]), lines
     assert "metrics.json" not in {p.name for p in (tmp_path / "out").iterdir()}  # ingest compares nothing
 
 
@@ -164,8 +167,10 @@ def test_ledger_without_quarantine_logs_and_splits_metrics_from_stats(tmp_path, 
     ledger.extra.update(gradient="proxy", mean_alpha=0.25)
     ledger.metrics["mean_alpha"] = 0.25
     stats = ledger.write_stats(tmp_path / "stats.json")
-    assert [r.getMessage() for r in tasks_log] == ["score: read 5, kept 5, quarantined 0"]
+    [line] = [r.getMessage() for r in tasks_log]
+    assert re.fullmatch(r"score: read 5, kept 5, quarantined 0 in \d+\.\d s", line), line
     assert json.loads((tmp_path / "stats.json").read_text()) == stats and stats["gradient"] == "proxy"
+    assert isinstance(stats["seconds"], float) and stats["seconds"] >= 0
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"mean_alpha": 0.25}
 
 
@@ -232,3 +237,18 @@ def test_run_passes_paths_params_and_extra_sections(tmp_path):
     assert seen["unconditional"] is None
     declared.main(["--params", str(params), "--extract", "x", "--out-dir", "o", "--unconditional", "u.parquet"])
     assert seen["unconditional"] == Path("u.parquet")
+
+
+def test_a_ledger_counts_seconds_from_the_start_of_stage_run(tmp_path):
+    """extract makes its ledger in finalize, after the model work: its seconds still cover the stage."""
+    def core(out_dir, params):
+        time.sleep(0.2)
+        ledger = StageLedger("late")
+        ledger.count_read(1)
+        ledger.keep(1)
+        return ledger.write_stats(out_dir / "stats.json")
+
+    params = tmp_path / "params.yaml"
+    params.write_text("select: {}\n")
+    stats = tasks.core.stage.Stage(core, select.Params, paths=[("out_dir", "o")]).run(params, out_dir=tmp_path)
+    assert stats["seconds"] >= 0.2

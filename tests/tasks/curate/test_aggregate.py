@@ -116,11 +116,26 @@ def test_cli_reads_aggregate_and_score_sections(tmp_path):
     (tmp_path / "params.yaml").write_text("score:\n  method: length\naggregate:\n  how: min\n")
     stats = main(["--params", str(tmp_path / "params.yaml"), "--step-scores",
                   str(tmp_path / "score" / "step_scores.parquet"), "--extract", str(extract),
-                  "--unconditional", str(tmp_path / "unread.parquet"),  # read by score.method: ifd only
+                  "--unconditional", str(tmp_path / "unread.parquet"),  # optional; read by score.method ifd only
                   "--out-dir", str(tmp_path / "out")])
     assert stats["method"] == "length" and "how" not in stats
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
     assert set(pq.read_table(tmp_path / "out" / "sample_scores.parquet")["method"].to_pylist()) == {"length"}
+
+
+def test_ifd_without_unconditional_losses_stops_at_once_naming_the_stage(tmp_path, capsys):
+    """The default pipeline no longer computes unconditional (27 of a first run's 61 minutes)."""
+    (tmp_path / "params.yaml").write_text("score:\n  method: ifd\n")
+    argv = ["--params", str(tmp_path / "params.yaml"), "--step-scores", str(tmp_path / "none.parquet"),
+            "--extract", str(tmp_path / "no-extract"), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        main(argv)  # before it reads the extract or the step scores: neither exists
+    error = capsys.readouterr().err
+    assert "score.method ifd" in error and "dvc repro finetune/dvc.yaml:unconditional" in error, error
+    with pytest.raises(SystemExit):
+        main(argv + ["--unconditional", str(tmp_path / "missing.parquet")])
+    assert "no file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_params_name_the_setting_at_fault():
