@@ -29,10 +29,10 @@ CODE_DEP = re.compile(r"^      - (tasks|flows)/\S+\.py\s*$")
 def sync(text: str) -> str:
     """The pipeline file with each stage's code deps replaced by its module's closure."""
     lines, out = text.splitlines(keepends=True), []
-    stage, module, in_deps, inserted = None, None, False, False
+    module, in_deps, inserted = None, False, False
     for line in lines:
-        if match := STAGE.match(line):
-            stage, module, in_deps, inserted = match.group(1), None, False, False
+        if STAGE.match(line):  # a new stage: its module is the one its cmd names
+            module, in_deps, inserted = None, False, False
         elif module is None and (cmd := CMD.search(line)):
             module = cmd.group(1)
         if line.strip() == "deps:":

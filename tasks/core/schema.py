@@ -10,7 +10,9 @@ between stages: writers cast to them, readers may rely on them, validate checks 
     score    -> step_scores.parquet STEP_SCORE_SCHEMA (one row per step)
     cluster  -> clusters.parquet    CLUSTER_SCHEMA   (one row per extracted trace)
     aggregate-> sample_scores.parquet SAMPLE_SCORE_SCHEMA (one row per trace)
-    select   -> <subset>/ids.txt, <subset>/subset.jsonl, manifest.json
+    unconditional -> losses.parquet UNCONDITIONAL_SCHEMA (one row per trace; finetune/dvc.yaml, ifd only)
+    select   -> <subset>/ids.txt, <subset>/subset.jsonl, manifest.json, ranking.parquet RANKING_SCHEMA
+    export   -> <subset>/data.parquet EXPORT_SCHEMA (and the JSON formats)
 
 Quarantine records, whatever the stage, follow QUARANTINE_SCHEMA (written as JSONL).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -174,30 +176,6 @@ class QuarantineRecord:
             },
             ensure_ascii=False,
         )
-
-
-@dataclass(slots=True)
-class Trace:
-    """One canonical trace (TRACE_SCHEMA) with optional spans (SPAN_FIELDS)."""
-
-    id: str
-    source_row: int
-    content_hash: str
-    question: str
-    prompt_messages: str
-    response: str
-    final_answer: str
-    answer_source: str
-    raw: str
-    scored_response: str | None = None
-    step_starts: list[int] = field(default_factory=list)
-    step_ends: list[int] = field(default_factory=list)
-    answer_start: int | None = None
-    answer_end: int | None = None
-
-    @property
-    def n_steps(self) -> int:
-        return len(self.step_starts)
 
 
 def content_hash(prompt_messages_json: str, response: str) -> str:

@@ -182,10 +182,6 @@ def load_params(params_cls: type[P], section: str, params_path: str | os.PathLik
     return params_from_dict(params_cls, section, read_params_document(params_path).get(section))
 
 
-def load_section(section: str, params_path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    return dict(read_params_document(params_path).get(section) or {})
-
-
 def module_name(function: Callable[..., Any]) -> str:
     """The dotted module a function is defined in, also when that module runs as `python -m` (`__main__`)."""
     name = function.__module__
