@@ -5,7 +5,7 @@
 
 Times, on the same n traces (a seeded sample of those with steps): the proxy as extract runs it
 (length-sorted batches of `--batch-tokens`, one forward pass + span summaries), without and with
-the head Gram, and exact mode (tasks/exact.py: one forward, one backward per span) for each target.
+the head Gram, and exact mode (tasks/diagnostics/exact.py: one forward, one backward per span) for each target.
 Prints wall and CPU (process, all threads) milliseconds per fed token (prompt + response) and each
 exact target's ratio to the proxy by CPU time, which other jobs on a shared machine disturb less
 than wall time. One warm-up trace runs first, untimed, for each.
@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks.exact import TARGETS, ExactModel, ExactSpec
-from tasks.extract import pack_batches
-from tasks.proxy import ProxyModel
-from tasks.spans import EncodedTrace, encode_traces, trace_spans
+from tasks.core.artifacts import pack_batches
+from tasks.curate.proxy import ProxyModel
+from tasks.curate.spans import EncodedTrace, encode_traces, trace_spans
+from tasks.diagnostics.exact import TARGETS, ExactModel, ExactSpec
 
 
 def load_traces(segments: Path, tokenizer, n: int, seed: int, max_length: int) -> list[EncodedTrace]:

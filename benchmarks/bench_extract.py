@@ -8,11 +8,11 @@ place: the traces of one of extract's length-bucketed batches) and the same batc
   bare forward       collated and passed through the model's own forward, logits at every position
   bare, loss pos.    the decoder, then the LM head at the loss positions only, as extract runs it: the
                      baseline that leaves exactly the proxy's own cost to extract
-  extract            the stage itself, tasks.extract.extract with the params.yaml extract section (cache
+  extract            the stage itself, tasks.curate.extract.extract with the params.yaml extract section (cache
                      off, model loaded beforehand): its model part (stats model_seconds) and its wall
                      time (reading, tokenization, model, writing shards); with head_variant on, also
                      its model part without the head Gram (the proxy alone)
-  exact              tasks/exact.py (one forward, then one backward per span) for every parameter
+  exact              tasks/diagnostics/exact.py (one forward, then one backward per span) for every parameter
                      (`full`: METHOD.md's g_k) and for the LM head alone, on the first --exact-n of those
                      traces, per token; then (first target) on --probe-n traces of about the same
                      length and from few to many spans, per trace against its number of spans
@@ -48,11 +48,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.exact import TARGETS, ExactModel, ExactSpec  # noqa: E402
-from tasks.extract import Params, extract, load_model, pack_batches  # noqa: E402
-from tasks.proxy import collate, resolve_device  # noqa: E402
-from tasks.spans import EncodedTrace, SpanError, encode_traces, trace_spans  # noqa: E402
-from tasks.stage import load_params, write_parquet  # noqa: E402
+from tasks.diagnostics.exact import TARGETS, ExactModel, ExactSpec  # noqa: E402
+from tasks.core.artifacts import pack_batches  # noqa: E402
+from tasks.curate.extract import Params, extract, load_model  # noqa: E402
+from tasks.curate.proxy import collate, resolve_device  # noqa: E402
+from tasks.curate.spans import EncodedTrace, SpanError, encode_traces, trace_spans  # noqa: E402
+from tasks.core.stage import load_params, write_parquet  # noqa: E402
 
 # Runs in a fresh interpreter: extract on argv's paths, then its peak RSS and its stats as JSON. The peak
 # is VmHWM, this process's own: ru_maxrss would carry over the forking parent's (it survives exec).
@@ -60,7 +61,7 @@ MEMORY_RUN = """
 import dataclasses, json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from tasks.extract import Params, extract, load_model
+from tasks.curate.extract import Params, extract, load_model
 segments, model, out_dir, cache_dir, params = sys.argv[2:6] + [json.loads(sys.argv[6])]
 params = dataclasses.replace(Params(), **params, cache_dir=cache_dir)
 load_model(model, "cpu")
@@ -102,7 +103,7 @@ def time_bare_forward(model, batches: list[list[EncodedTrace]], loss_positions_o
             if loss_positions_only:
                 hidden = model.decoder(input_ids=inputs["input_ids"], use_cache=False).last_hidden_state  # (B, T, d)
                 logits = model.head(hidden.flatten(0, 1)[inputs["flat_positions"]])  # (N, V)
-            else:  # right padding, no mask: as extract runs it (tasks.proxy.collate)
+            else:  # right padding, no mask: as extract runs it (tasks.curate.proxy.collate)
                 logits = model.model(input_ids=inputs["input_ids"], use_cache=False).logits  # (B, T, V)
         del logits
     if model.cuda:

@@ -36,8 +36,8 @@ RUN = r"""
 import json, sys, time
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-from tasks.proxy import ProxyModel
-from tasks.spans import EncodedTrace
+from tasks.curate.proxy import ProxyModel
+from tasks.curate.spans import EncodedTrace
 model_dir, device, mode = sys.argv[2:5]
 response, step, repeats = (int(v) for v in sys.argv[5:8])
 

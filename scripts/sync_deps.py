@@ -1,10 +1,10 @@
 """Rewrite the `.py` deps of every stage in the three dvc.yaml files to its module's import closure.
 
     python scripts/sync_deps.py          # rewrite in place, print what changed
-    python scripts/sync_deps.py --check  # exit 1 if any stage's list differs (tests/tasks/test_closure.py checks the same)
+    python scripts/sync_deps.py --check  # exit 1 if any stage's list differs (tests/tasks/core/test_closure.py checks the same)
 
 The deps of a stage are code as much as data: a module the stage imports, changed, must re-run it.
-The list follows from the imports (tasks/closure.py), so it is written by this script and never by hand;
+The list follows from the imports (tasks/core/closure.py), so it is written by this script and never by hand;
 comments, data deps and the order of everything else in the file are kept as they are.
 """
 
@@ -18,21 +18,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.closure import relative_closure  # noqa: E402
+from tasks.core.closure import relative_closure  # noqa: E402
 
 PIPELINES = ("dvc.yaml", "finetune/dvc.yaml", "diagnostics/dvc.yaml")
 STAGE = re.compile(r"^  (\w+):\s*(#.*)?$")
-CMD = re.compile(r"python -m (tasks\.\w+)")
+CMD = re.compile(r"python -m (tasks(?:\.\w+)+)")
 CODE_DEP = re.compile(r"^      - (tasks|flows)/\S+\.py\s*$")
 
 
 def sync(text: str) -> str:
     """The pipeline file with each stage's code deps replaced by its module's closure."""
     lines, out = text.splitlines(keepends=True), []
-    stage, module, in_deps, inserted = None, None, False, False
+    module, in_deps, inserted = None, False, False
     for line in lines:
-        if match := STAGE.match(line):
-            stage, module, in_deps, inserted = match.group(1), None, False, False
+        if STAGE.match(line):  # a new stage: its module is the one its cmd names
+            module, in_deps, inserted = None, False, False
         elif module is None and (cmd := CMD.search(line)):
             module = cmd.group(1)
         if line.strip() == "deps:":

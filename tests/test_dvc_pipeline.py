@@ -5,7 +5,7 @@ and an eight-row pool at dvc.yaml's input path. Checked: the first repro runs ev
 the Prefect flow, run as `python -m flows.curate` with no Prefect server configured, writes the
 same artifacts; then a select param re-runs select and what reads its subsets
 (validate, export, report) only, and a score param re-runs score and everything downstream of it,
-but not ingest, segment, model, extract or unconditional.
+but not ingest, segment, model or extract.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import yaml
 
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
-STAGES = {"ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
-          "export", "report"}
+STAGES = {"ingest", "segment", "model", "extract", "score", "cluster", "aggregate", "select", "validate", "export",
+          "report"}
 AFTER_SELECT = {"validate", "export", "report"}
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def environment(tmp_path) -> dict[str, str]:
-    """This venv's python first on PATH (dvc.yaml runs `python -m tasks.<stage>`); no network, no user config."""
+    """This venv's python first on PATH (dvc.yaml runs `python -m tasks.<package>.<stage>`); no network, no user config."""
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "DVC_"))}
     return env | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

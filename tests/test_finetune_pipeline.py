@@ -1,7 +1,8 @@
 """finetune/dvc.yaml under DVC, in a throwaway git+DVC repository on the tiny test model.
 
-Checked: a plain `dvc repro` runs the curation only; `dvc repro finetune/dvc.yaml` then runs the four
-fine-tune stages (params from the root params.yaml); `dvc metrics show` and `dvc plots show` find
+Checked: a plain `dvc repro` runs the curation only (not unconditional, which only the IFD baseline
+reads); `dvc repro finetune/dvc.yaml` then runs unconditional and the fine-tune stages (params from
+the root params.yaml); `dvc metrics show` and `dvc plots show` find
 the table and the plot; asking again runs nothing; a new method reruns subsets, runs and report,
 and the runs stage retrains only the new method's run, the others coming from the per-run cache.
 """
@@ -22,7 +23,8 @@ from tests.test_dvc_pipeline import environment, run  # noqa: F401  (environment
 
 pytestmark = pytest.mark.slow
 
-FINETUNE_STAGES = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers", "subsets", "runs", "report")}
+FINETUNE_STAGES = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers", "unconditional", "subsets",
+                                                             "runs", "report")}
 TEST_ROWS = [{"id": f"test-{i}", "question": f"Ann has {i} pens and gets {i} more. How many pens?",
               "answer": f"She has {i}+{i} = <<{i}+{i}={2 * i}>>{2 * i} pens.\n#### {2 * i}"} for i in (2, 5, 8)]
 
@@ -53,6 +55,7 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
 
     curation = repro(repo, environment)
     assert curation and not curation & FINETUNE_STAGES and not (repo / "outputs/finetune").exists()
+    assert not (repo / "outputs/unconditional").exists()  # the default selection does not read it
 
     assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES
     results = (repo / "outputs/finetune/results.md").read_text(encoding="utf-8")
@@ -68,7 +71,7 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
 
     assert repro(repo, environment, "finetune/dvc.yaml") == set()
     set_finetune(repo, methods=["grace", "random", "length"])
-    unchanged = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers")}
+    unchanged = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers", "unconditional")}
     assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES - unchanged
     index = json.loads((repo / "outputs/finetune/runs/index.json").read_text(encoding="utf-8"))
     assert (index["trained"], index["from_cache"]) == (1, 5)  # only length-top50pct is new

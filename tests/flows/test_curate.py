@@ -6,13 +6,16 @@ against the session's throwaway Prefect API (tests/flows/conftest.py).
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import shlex
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
                                             FlowRunFilterId, FlowRunFilterParentFlowRunId, LogFilter,
@@ -22,15 +25,18 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 
-import tasks.extract
-from flows.curate import (EPHEMERAL_STARTUP_SECONDS, SUMMARY_ARTIFACT_KEY, curate, prefect_settings, dask_task_runner, ingest_task, model_task, score_task,
+import tasks.core.artifacts
+import tasks.curate.extract
+from tasks.core.stage import ParamsError, StageInputError
+from tasks.curate.validate import ExpectationsFailed
+from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
+                          dask_task_runner, ingest_task, model_task, prefect_settings, retry_if_transient, score_task,
                           segment_task, stage_paths, summary_markdown, validation_report)
-from tasks.validate import ExpectationsFailed
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
 
-STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "unconditional", "aggregate", "select", "validate",
-          "export", "report"]
-COUNTED = ["ingest", "segment", "extract", "score", "cluster", "unconditional", "aggregate", "export", "report"]
+STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "aggregate", "select", "validate", "export",
+          "report"]  # unconditional runs for score.method ifd only
+COUNTED = ["ingest", "segment", "extract", "score", "cluster", "aggregate", "export", "report"]
 
 
 def run_curate(root: Path):
@@ -64,7 +70,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
     for stage, on_disk in stats.items():
         assert summary["stages"][stage] == on_disk
         assert on_disk["read"] == on_disk["kept"] + on_disk["quarantined"]
-    for stage in ["ingest", "segment", "extract", "unconditional", "export", "report"]:
+    for stage in ["ingest", "segment", "extract", "export", "report"]:
         lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == stats[stage]["quarantined"]
     assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
@@ -77,9 +83,10 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
     assert stats["extract"]["read"] == 4 and stats["extract"]["shards"] == 2
     assert sorted(p.name for p in (outputs / "extract" / "shards").glob("*.parquet")) == [
         "part-00000.parquet", "part-00001.parquet"]
-    assert tasks.extract.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
+    assert tasks.core.artifacts.read_extract(outputs / "extract").num_rows == stats["extract"]["kept"]
     assert stats["score"]["read"] == stats["extract"]["kept"]
-    assert stats["unconditional"]["read"] == stats["segment"]["kept"]
+    assert not (outputs / "unconditional").exists()  # the default method (grace) does not read it
+    assert list(summary["seconds"]) == STAGES and all(s >= 0 for s in summary["seconds"].values())
     n_scored = pq.read_metadata(outputs / "aggregate" / "sample_scores.parquet").num_rows
     assert n_scored == stats["score"]["kept"] == 4
     assert read_json(outputs / "model" / "model_info.json")["identity"] == summary["stages"]["model"]["identity"]
@@ -108,6 +115,9 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert markdown == summary_markdown(state.result())
     assert "| ingest | 8 | 5 | 3 | duplicate_id: 1, malformed_json: 1, no_assistant_turn: 1 |" in markdown
     assert "| segment | 5 | 4 | 1 | no_steps: 1 |" in markdown
+    assert "| stage | read | kept | quarantined | quarantined by reason | seconds |" in markdown
+    for stage, seconds in state.result()["seconds"].items():  # every stage has its wall time
+        assert re.search(rf"^\| {stage} \|.*\| {seconds:.1f} \|$", markdown, flags=re.MULTILINE), stage
     top50 = read_json(root / "outputs" / "select" / "manifest.json")["subsets"]["top50pct"]
     tokens, threshold = top50["n_tokens"], top50["score_threshold"]
     assert f"| top50pct | top 50% of traces | 2 | {tokens} | {threshold:.4g} |" in markdown
@@ -125,8 +135,9 @@ def test_stage_log_lines_reach_the_run_log(in_process_run):
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200)
     messages = [log.message for log in logs]
-    assert "ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1)" in messages
-    assert "segment: read 5, kept 4, quarantined 1 (no_steps 1)" in messages
+    for line in ["ingest: read 8, kept 5, quarantined 3 (duplicate_id 1, malformed_json 1, no_assistant_turn 1) in ",
+                 "segment: read 5, kept 4, quarantined 1 (no_steps 1) in "]:
+        assert any(m.startswith(line) and m.endswith(" s") for m in messages), (line, messages)
     assert any(m.startswith("extract: 4/4 traces (100%)") for m in messages), messages
     assert any(m.startswith("select: ranked 4, top50pct 2 (threshold ") for m in messages), messages
     assert "validate: " in " ".join(messages)
@@ -145,10 +156,10 @@ def test_entry_points_give_the_temporary_api_longer_to_start():
 def test_dask_two_workers_identical(prefect_api, in_process_run, tmp_path, tiny_model_dir):
     """extract.workers: 2 maps the shards over a two-worker Dask LocalCluster: same files as in process."""
     root = write_workspace(tmp_path / "dask", tiny_model_dir, workers=2)
-    models_loaded_here = tasks.extract._load_model.cache_info().misses
+    models_loaded_here = tasks.curate.extract._load_model.cache_info().misses
     state = run_curate(root)
     assert state.is_completed(), state
-    assert tasks.extract._load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
+    assert tasks.curate.extract._load_model.cache_info().misses == models_loaded_here  # shards ran in the workers
     extract_stats = read_json(root / "outputs" / "extract" / "stats.json")
     assert (extract_stats["shards"], extract_stats["traces_computed"]) == (2, 4)  # computed, not skipped
 
@@ -188,21 +199,24 @@ def test_stage_paths_are_dvc_yaml_paths():
     """The flow passes each core function exactly the paths dvc.yaml's command passes its CLI."""
     dvc_stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert list(dvc_stages) == STAGES
+    # unconditional, which only score.method ifd reads, is finetune/dvc.yaml's (where the ifd subsets are made)
+    dvc_stages["unconditional"] = yaml.safe_load((REPO / "finetune/dvc.yaml").read_text(encoding="utf-8"))[
+        "stages"]["unconditional"]
     pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
     assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
     for stage, paths in stage_paths(pool, "outputs").items():
         argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)
-        assert argv[:3] == ["python", "-m", f"tasks.{stage}"]
+        assert argv[:3] == ["python", "-m", f"tasks.curate.{stage}"]
         flags = dict(zip(argv[3::2], argv[4::2]))
         assert flags == {f"--{name.replace('_', '-')}": path.as_posix() for name, path in paths.items()}, stage
 
 
 def test_dask_runner_follows_extract_params():
-    assert dask_task_runner(tasks.extract.Params()) is None
-    local = dask_task_runner(tasks.extract.Params(workers=3))
+    assert dask_task_runner(tasks.curate.extract.Params()) is None
+    local = dask_task_runner(tasks.curate.extract.Params(workers=3))
     assert isinstance(local, DaskTaskRunner) and local.address is None
     assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
-    remote = dask_task_runner(tasks.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
+    remote = dask_task_runner(tasks.curate.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
 
 
@@ -219,3 +233,42 @@ def test_failed_validation_still_reported(tmp_path):
     assert "## Validation: FAILED" in markdown and "3 expectations in 1 suites, 1 failed." in markdown
     assert "- ids: expect_column_values_to_be_unique [id] observed 2" in markdown
     assert "FileNotFoundError: outputs/score missing" in summary_markdown({"stages": {"validate": crashed}})
+
+
+def test_the_flow_passes_each_stage_the_paths_its_module_declares():
+    """STAGE_PATHS holds where the files are; which keywords a stage takes is its STAGE's."""
+    for stage, paths in STAGE_PATHS.items():
+        declared = importlib.import_module(f"tasks.curate.{stage}").STAGE
+        assert {name for name, _ in declared.paths} <= set(paths) <= set(declared.path_names), stage
+
+
+@pytest.mark.parametrize("error, retried", [
+    (OSError("NFS server not responding"), True), (ConnectionResetError(), True), (TimeoutError(), True),
+    (RuntimeError("CUDA out of memory"), True),
+    (ParamsError("params.yaml [score]: ..."), False), (StageInputError("no records"), False),
+    (ValueError("deterministic"), False), (TypeError("bug"), False), (KeyError("id"), False),
+    (ExpectationsFailed("1 failed"), False),
+])
+def test_retry_condition_retries_only_transient_errors(error, retried):
+    assert retry_if_transient(None, None, Failed(data=error)) is retried
+
+
+def test_a_task_retries_an_os_error_and_not_a_value_error(prefect_api):
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, **STAGE_TASK)
+    def flaky(error_type: type) -> str:
+        calls.append(error_type)
+        if len(calls) < 3:
+            raise error_type("failed")
+        return "ok"
+
+    @flow
+    def run(error_type: type) -> str:
+        return flaky(error_type)
+
+    assert run(OSError) == "ok" and len(calls) == 3  # retried twice, then passed
+    calls.clear()
+    with pytest.raises(ValueError):
+        run(ValueError)
+    assert len(calls) == 1  # a deterministic error: not retried

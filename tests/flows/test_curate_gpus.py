@@ -14,9 +14,9 @@ from distributed import Client, SpecCluster
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
+from tasks.core.stage import ParamsError, params_from_dict
+from tasks.curate.extract import Params
 from flows.curate import dask_task_runner, gpu_cluster_kwargs, visible_gpus
-from tasks.extract import Params
-from tasks.stage import ParamsError, params_from_dict
 
 
 def worker_gpus(runner: DaskTaskRunner) -> list[str]:

@@ -85,7 +85,7 @@ def test_multimodal_traces_go_from_ingest_to_export(multimodal_run):
 
 
 def test_grace_diff_reads_a_multimodal_run(multimodal_run):
-    from tasks.diff import diff_versions, load_version, to_markdown
+    from tasks.tools.diff import diff_versions, load_version, to_markdown
 
     root, _ = multimodal_run
     version = load_version(str(root / "outputs"))

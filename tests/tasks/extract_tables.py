@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.schema import EXTRACT_SCHEMA
-from tasks.stage import StageLedger
+from tasks.core.schema import EXTRACT_SCHEMA
+from tasks.core.stage import StageLedger
 
 
 def extract_row(id_: str, vectors: np.ndarray, *, token_counts=None, loss_sums=None, head_vectors=None,

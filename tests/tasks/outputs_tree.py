@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tasks.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA, content_hash
+from tasks.core.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA, content_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_STATS = {  # distinct numbers per stage, so a test can find each stage's row

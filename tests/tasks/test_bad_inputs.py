@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import aggregate, export, extract, ingest, report, score, segment, select, unconditional, validate
-from tasks.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA
-from tasks.stage import StageInputError, write_parquet
+from tasks.core.artifacts import read_extract
+from tasks.core.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA
+from tasks.core.stage import StageInputError, write_parquet
+from tasks.curate import aggregate, export, extract, ingest, report, score, segment, select, unconditional, validate
 from tests.tasks.extract_tables import write_extract
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def test_a_wrong_field_mapping_stops_ingest_naming_the_fields(tmp_path, gsm_rows
     source = write_lines(tmp_path / "pool.jsonl", [json.dumps(row) for row in rows])
     line = cli_error(capsys, ingest.main, "--input", source, "--out-dir", tmp_path / "out", "--params",
                      REPO / "params.yaml")
-    assert line.startswith("python -m tasks.ingest: error: ingest: kept none of the 3 records of")
+    assert line.startswith("python -m tasks.curate.ingest: error: ingest: kept none of the 3 records of")
     assert "missing_field: 3" in line and "ingest.question_fields ['question'," in line
     assert "the records have fields ['query', 'solution_text', 'uid']" in line
     assert not (tmp_path / "out").exists()  # nothing half-done for the next stage to read
@@ -138,4 +139,4 @@ def test_extract_refuses_an_unfinished_output(tmp_path):
     partial = write_extract(tmp_path / "extract", [])
     (partial / "stats.json").unlink()  # as a run killed before finalize leaves it
     with pytest.raises(StageInputError, match="extract did not finish"):
-        extract.read_extract(partial)
+        read_extract(partial)

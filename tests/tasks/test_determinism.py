@@ -1,4 +1,4 @@
-"""Extract's bytes do not depend on the process's torch thread count (tasks/proxy.py: fixed_threads).
+"""Extract's bytes do not depend on the process's torch thread count (tasks/curate/proxy.py: fixed_threads).
 
 How MKL and ATen split a product over threads moves float rounding on some CPUs (AVX2 code paths)
 and not on others, so the check forces the AVX2 paths (MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY)
@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from tasks.extract import Params, extract
+from tasks.curate.extract import Params, extract
 from tests.tasks import tiny_pipeline
-from tests.tasks.test_extract_scale import gsm_rows, output_bytes
+from tests.tasks.curate.test_extract_scale import gsm_rows, output_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = """
 import sys, torch
 from pathlib import Path
-from tasks.extract import main
+from tasks.curate.extract import main
 torch.set_num_threads(int(sys.argv[1]))
 main(sys.argv[2:])
 """

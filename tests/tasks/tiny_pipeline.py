@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks import extract, ingest, segment
+from tasks.curate import extract, ingest, segment
 
 
 def build_segments(root: Path, rows: list[dict]) -> Path:

@@ -1,0 +1,177 @@
+"""Stage `export`: every selected subset in the formats post-training tools read.
+
+    python -m tasks.curate.export --subsets outputs/select/subsets \
+        --segments outputs/segment/segments.parquet --out-dir outputs/export
+
+Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
+  messages.jsonl  {"messages": [...prompt turns..., {"role": "assistant", "content": response}], "id": ...}
+                  (the chat format of TRL's SFTTrainer, axolotl and LLaMA-Factory's OpenAI-style sharegpt)
+  prompt_completion.jsonl  {"prompt": [...prompt turns...], "completion": [{"role": "assistant", ...}], "id": ...}
+                  (TRL's conversational prompt-completion format: SFTTrainer then puts the loss on the
+                  completion only, which messages.jsonl cannot give under a chat template with no
+                  generation markers, SmolLM2's among them)
+  alpaca.json     [{"instruction": question, "input": "", "output": response, "system": system turn}, ...]
+                  ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
+                  question already holds an ingested Alpaca input, so "input" stays empty)
+  data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
+Multimodal traces (ingest.image_root, tasks/curate/images.py) keep their image files: messages.jsonl and
+prompt_completion.jsonl get {"type": "image"} parts in the turns and the files in "images" (TRL,
+LLaMA-Factory), alpaca.json "<image>" placeholders in the instruction and "images", data.parquet an
+`images` column, and each subset also gets
+  llava.json      [{"id", "image": file (a list where several), "conversations": [{"from", "value"}, ...]}, ...]
+                  (LLaVA's training layout: "<image>" placeholders in the human turn)
+A text-only run writes exactly what it wrote before: no llava.json, no `images` key or column.
+The response is the trace as given (calculator annotations included), not the scored text.
+A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined
+for alpaca only (reason alpaca_multi_turn) and still exported in the other formats.
+Counts are per row to write (subset x format x id): read = kept + quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.core.schema import EXPORT_SCHEMA
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
+from tasks.curate import images
+
+FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
+FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
+              "parquet": "data.parquet", "llava": "llava.json"}
+IMAGE_FORMATS = ("llava",)  # written besides export.formats where the export holds multimodal traces
+LLAVA_SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+IMAGES_FIELD = pa.field("images", pa.list_(pa.string()), nullable=False)  # multimodal exports only
+
+
+@params_section("export")
+class Params:
+    formats: tuple[str, ...] = FORMATS  # which files each subset gets
+
+    def check(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ParamsError(f"export.formats: {list(self.formats)} must be a non-empty list drawn from {list(FORMATS)}")
+
+
+def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
+    """Alpaca form of a (system?, user) prompt; None where the prompt has other turns."""
+    roles = [m["role"] for m in prompt]
+    if roles not in (["user"], ["system", "user"]):
+        return None
+    record = {"instruction": question, "input": "", "output": response}
+    return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
+
+
+def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, dict], formats: tuple[str, ...],
+                  ledger: StageLedger, subset: str) -> dict[str, bytes | pa.Table]:
+    """The requested files of one subset, as bytes; every row counted or quarantined in `ledger`."""
+    rows: dict[str, list] = {fmt: [] for fmt in formats}
+    for id_ in ids:
+        ledger.count_read(len(formats))
+        trace, ranked = traces.get(id_), ranking.get(id_)
+        if trace is None or ranked is None:
+            reason, source = ("id_not_in_segments", "segments.parquet") if trace is None else \
+                ("id_not_in_ranking", "ranking.parquet")
+            for fmt in formats:
+                ledger.reject(reason, f"subset {subset}, format {fmt}: {id_} has no row in {source}", id=id_)
+            continue
+        prompt = json.loads(trace["prompt_messages"])
+        image_files = images.image_paths(prompt)
+        extra = {"images": image_files} if image_files else {}  # a text trace's rows are as before
+        flat = [{**m, "content": images.placeholder_text(m["content"])} for m in prompt]  # "<image>" placeholders
+        for fmt in formats:
+            if fmt == "messages":
+                messages = images.sft_turns(prompt) + [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"messages": messages, "id": id_, **extra}, ensure_ascii=False) + "\n")
+            elif fmt == "prompt_completion":
+                completion = [{"role": "assistant", "content": trace["response"]}]
+                rows[fmt].append(json.dumps({"prompt": images.sft_turns(prompt), "completion": completion, "id": id_,
+                                             **extra}, ensure_ascii=False) + "\n")
+            elif fmt == "llava":
+                turns = flat + [{"role": "assistant", "content": trace["response"]}]
+                conversations = [{"from": LLAVA_SPEAKERS.get(m["role"], m["role"]), "value": m["content"]}
+                                 for m in turns]
+                image = {"image": image_files[0] if len(image_files) == 1 else image_files} if image_files else {}
+                rows[fmt].append({"id": id_, **image, "conversations": conversations})
+            elif fmt == "alpaca":
+                question = flat[-1]["content"] if image_files else trace["question"]
+                record = to_alpaca(flat, question, trace["response"])
+                record = record if record is None else record | extra
+                if record is None:
+                    roles = [m["role"] for m in prompt]
+                    ledger.reject("alpaca_multi_turn", f"subset {subset}: prompt roles {roles} have no Alpaca form",
+                                  id=id_, record=trace["prompt_messages"])
+                    continue
+                rows[fmt].append(record)
+            else:
+                row = {"id": id_, "prompt_messages": flat, "response": trace["response"], "score": ranked["score"],
+                       "rank": ranked["rank"]}
+                rows[fmt].append(row | {"images": image_files} if "llava" in formats else row)
+            ledger.keep()
+    files = {}
+    for fmt in ("messages", "prompt_completion"):
+        if fmt in rows:
+            files[fmt] = "".join(rows[fmt]).encode("utf-8")
+    for fmt in ("alpaca", "llava"):
+        if fmt in rows:
+            files[fmt] = (json.dumps(rows[fmt], ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    if "parquet" in rows:  # a multimodal export (llava among the formats) adds the images column
+        schema = EXPORT_SCHEMA.append(IMAGES_FIELD) if "llava" in formats else EXPORT_SCHEMA
+        files["parquet"] = pa.Table.from_pylist(rows["parquet"], schema=schema)
+    ledger.extra.setdefault("rows", {})[subset] = {fmt: len(r) for fmt, r in rows.items()}
+    return files
+
+
+@atomic_outputs
+def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict:
+    """Write every subset of select's output in the configured post-training formats."""
+    names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))
+    if not names:
+        raise FileNotFoundError(f"export: no <subset>/ids.txt under {subsets}; run select first")
+    ids_of = {name: (subsets / name / "ids.txt").read_text(encoding="utf-8").splitlines() for name in names}
+    wanted = sorted({id_ for ids in ids_of.values() for id_ in ids})
+    columns = ["id", "question", "prompt_messages", "response"]
+    table = pq.read_table(segments, columns=columns, filters=pc.field("id").isin(wanted))
+    traces = {row["id"]: row for row in table.to_pylist()}
+    multimodal = any(images.image_paths(trace["prompt_messages"]) for trace in traces.values())
+    formats = tuple(params.formats) + IMAGE_FORMATS if multimodal else params.formats
+    ranked = pq.read_table(subsets / "ranking.parquet", columns=["id", "score", "rank"]).to_pylist()
+    ranking = {row["id"]: row for row in ranked}
+
+    ledger = StageLedger("export")
+    staging = out_dir / ".subsets.tmp"  # built aside, then swapped in: no stale or half-written subsets
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in names:
+        for fmt, content in export_subset(ids_of[name], traces, ranking, formats, ledger, name).items():
+            path = staging / name / FILE_NAMES[fmt]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, pa.Table):
+                write_parquet(path, content)
+            else:
+                path.write_bytes(content)
+    shutil.rmtree(out_dir / "subsets", ignore_errors=True)
+    staging.rename(out_dir / "subsets")
+    return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+STAGE = Stage(export, Params, paths=[
+    ("subsets", "select's subsets/ directory (ids.txt + ranking.parquet)"),
+    ("segments", "segments.parquet (prompt_messages, response)"),
+    ("out_dir", "where subsets/<name>/ files go"),
+])
+
+
+def main(argv: list[str] | None = None):
+    return STAGE.main(argv)
+
+
+if __name__ == "__main__":
+    main()

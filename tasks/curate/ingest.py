@@ -1,0 +1,380 @@
+"""Stage 1, ingest: JSONL, JSON, Parquet or a saved Hugging Face dataset -> one canonical trace table.
+
+Records are mapped by params.yaml `ingest` (plain question/response fields, or chat turns in
+OpenAI `messages` {role, content} or ShareGPT/LLaVA `conversations` {from, value}), or by a named
+`preset` that fills in those fields for a common layout (PRESETS below). The final answer is taken
+from a field or extracted from the response (tasks/curate/answers.py); a response with no answer marker is
+kept with answer_source "none" and segment decides where its answer span lies. Each record becomes
+one TRACE_SCHEMA row, or one row per solution where a `generations` list holds several (ids
+<problem id>-<index>). A record that cannot become a trace is quarantined with a reason; stats.json
+shows read = kept + quarantined, counting each solution of a generations list as one read. Input is
+streamed (JSONL line by line, Parquet and Arrow in batches); kept rows are held as column lists and
+written once. With ingest.image_root set, records with images become multimodal traces whose prompt
+turns hold image parts with the sha256 of each image's bytes (tasks/curate/images.py).
+
+    python -m tasks.curate.ingest --input data/gsm_noisy/pool.jsonl --out-dir outputs/ingest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tasks.core.schema import TRACE_SCHEMA, content_hash
+from tasks.core.stage import (ParamsError, Stage, StageLedger, atomic_outputs, params_section, published_dir,
+                              write_parquet)
+from tasks.curate import images
+from tasks.curate.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
+from tasks.curate.readers import read_records
+
+__all__ = ["Params", "extract_final_answer", "ingest", "main"]
+
+FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk")
+# A preset fills in the keys of the section left at their defaults (a key set by hand wins), so each
+# layout is one documented field mapping. README "Your own data" has one command per preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenAI chat: {"messages": [{"role", "content"}, ...]}; the last assistant turn is the response.
+    "messages": {"messages_field": "messages"},
+    # ShareGPT / LLaVA: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}.
+    "sharegpt": {"messages_field": "conversations"},
+    # Alpaca: {"instruction", "input", "output"}; a non-empty input is appended to the instruction.
+    "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",)},
+    # MetaMathQA: {"query", "response" ending "The answer is: X", "type", "original_question"}.
+    "metamath": {"question_fields": ("query",), "response_fields": ("response",), "answer_patterns": ("answer_is",)},
+    # NuminaMath / OpenR1-Math: {"problem", "solution" with \boxed{}, "generations": [...], "uuid"};
+    # each generation is its own trace (the solution only where there are none); their own
+    # `messages` copy of the solution is not read.
+    "numina": {"id_field": "uuid", "question_fields": ("problem",), "response_fields": ("solution",),
+               "generations_field": "generations", "messages_field": None, "answer_patterns": ("boxed", "answer_is")},
+    # Multiple choice (AQuA-RAT style): {"question", "options": ["A) 21", ...] or {"A": ...}, "rationale",
+    # "correct": "B"}; the options are appended to the question, the answer is a letter.
+    "multiple_choice": {"question_fields": ("question",), "options_field": "options",
+                        "response_fields": ("rationale", "response", "solution"), "answer_field": "correct",
+                        "answer_patterns": ("choice", "answer_is", "boxed")},
+}
+# ShareGPT speaker names -> OpenAI roles (LLaVA uses the same human/gpt pair).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system"}
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+@params_section("ingest")
+class Params:
+    format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk
+    id_field: str | None = "id"  # null or missing: id = "h-" + 16 hex of the content hash
+    question_fields: tuple[str, ...] = ("question", "prompt", "instruction", "problem")  # first present wins
+    response_fields: tuple[str, ...] = ("answer", "response", "solution", "output", "completion")
+    answer_field: str | None = None  # null = extract from the response; a missing value falls back to that
+    messages_field: str | None = "messages"  # chat records: prompt = turns before the last assistant turn
+    answer_patterns: tuple[str, ...] = ("gsm8k", "answer_is", "boxed")  # tried in this order
+    preset: str | None = None  # a named layout (PRESETS) filling the keys left at their defaults
+    input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
+    generations_field: str | None = None  # a list of solutions per problem: one trace each
+    options_field: str | None = None  # multiple-choice options, appended to the question as "A) ..." lines
+    # null: image fields are ignored (text-only, as before); a directory: records with images are read as
+    # multimodal traces (tasks/curate/images.py), their image paths relative to it
+    image_root: str | None = None
+
+    def resolved(self) -> "Params":
+        """These params with the preset's mapping in the keys left at their defaults."""
+        if self.preset is None:
+            return self
+        defaults = Params()
+        return dataclasses.replace(self, **{key: value for key, value in PRESETS[self.preset].items()
+                                            if getattr(self, key) == getattr(defaults, key)})
+
+    def check(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ParamsError(f"ingest.preset: {self.preset!r} is not null or one of {list(PRESETS)}")
+        if self.format not in FORMATS:
+            raise ParamsError(f"ingest.format: {self.format!r} is not one of {list(FORMATS)}")
+        unknown = [p for p in self.answer_patterns if p not in ANSWER_PATTERNS]
+        if unknown or not self.answer_patterns:
+            raise ParamsError(f"ingest.answer_patterns: need a non-empty subset of {list(ANSWER_PATTERNS)}")
+        if not self.question_fields or not self.response_fields:
+            raise ParamsError("ingest.question_fields and ingest.response_fields must name at least one field")
+
+
+@params_section("data")
+class DataParams:
+    """params.yaml's `data` section: which corpus `dvc repro` curates. dvc.yaml passes it to ingest as
+    --input (so DVC tracks the file); declared here so the section is typed and known like any other."""
+
+    pool: str = "data/gsm_noisy/pool.jsonl"  # a JSONL/JSON/Parquet file or a HF dataset directory
+    images: str = "data/gsm_noisy"  # the directory of the pool's images, a dep of ingest (an edited image re-runs it)
+
+
+class Rejected(Exception):
+    """A record that cannot become a trace: `reason` is the quarantine code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _text(record: dict, field: str) -> str:
+    value = record[field]
+    if not isinstance(value, str):
+        raise Rejected("wrong_type", f"field {field!r} is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise Rejected("empty_field", f"field {field!r} is empty")
+    return value
+
+
+def _hint(record: dict) -> str:
+    """What the record holds, and the preset its chat field suggests: the detail of a missing field."""
+    hint = f"; the record has fields {sorted(record)}"
+    for field, preset in (("conversations", "sharegpt"), ("messages", "messages")):
+        if isinstance(record.get(field), list):
+            hint += f" (for chat turns in {field!r}, set ingest.preset: {preset})"
+    return hint
+
+
+def _first_text(record: dict, fields: tuple[str, ...], role: str) -> str:
+    for field in fields:
+        if record.get(field) is not None:
+            return _text(record, field)
+    raise Rejected("missing_field", f"no {role} field; looked for {list(fields)}{_hint(record)}")
+
+
+def _turn(message: Any, field: str, index: int) -> dict:
+    """One chat turn as {role, content}, from OpenAI {role, content} or ShareGPT {from, value}."""
+    if isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str):
+        return {"role": message["role"], "content": message["content"]}
+    if isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str):
+        role = SHAREGPT_ROLES.get(message["from"].lower())
+        if role is None:
+            raise Rejected("unknown_role", f"{field}[{index}]: speaker {message['from']!r} is not one of "
+                                           f"{sorted(SHAREGPT_ROLES)}")
+        return {"role": role, "content": message["value"]}
+    keys = sorted(message) if isinstance(message, dict) else type(message).__name__
+    raise Rejected("wrong_type", f"{field}[{index}] is {keys}; a turn needs string role/content (OpenAI) "
+                                 "or from/value (ShareGPT)")
+
+
+def _chat(messages: Any, field: str = "messages") -> tuple[list[dict], str, str]:
+    """(prompt turns, question, response) of a chat record: the response is the last assistant turn."""
+    if not isinstance(messages, list):
+        raise Rejected("wrong_type", f"field {field!r} is {type(messages).__name__}, not a list of turns")
+    turns = [_turn(message, field, index) for index, message in enumerate(messages)]
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise Rejected("no_assistant_turn", "chat record has no assistant turn to score")
+    prompt, response = turns[:last], turns[last]["content"]
+    questions = [m["content"] for m in prompt if m["role"] == "user"]
+    if not questions:
+        raise Rejected("missing_field", "chat record has no user turn before the last assistant turn")
+    if not response.strip() or not questions[-1].strip():
+        raise Rejected("empty_field", "the last assistant turn or the last user turn is empty")
+    return prompt, questions[-1], response
+
+
+def _record_id(record: dict, params: Params) -> str | None:
+    if params.id_field is None or record.get(params.id_field) is None:
+        return None
+    given = record[params.id_field]
+    if isinstance(given, bool) or not isinstance(given, (str, int)):
+        raise Rejected("wrong_type", f"id field {params.id_field!r} is {type(given).__name__}")
+    if not str(given).strip():
+        raise Rejected("empty_field", f"id field {params.id_field!r} is empty")
+    if str(given).splitlines() != [str(given)]:
+        # ids.txt holds one id a line: an id with a line break would split there and match no trace
+        raise Rejected("id_line_break", f"id field {params.id_field!r} holds a line break: {given!r}")
+    return str(given)
+
+
+def _options(options: Any, field: str) -> str:
+    """Multiple-choice options as lines "A) text": a list (lettered in order, or already "A) ...") or a dict."""
+    if isinstance(options, dict) and options and all(isinstance(v, str) for v in options.values()):
+        return "\n".join(f"{letter}) {text}" for letter, text in options.items())
+    if isinstance(options, list) and 0 < len(options) <= len(OPTION_LETTERS) and all(isinstance(o, str) for o in options):
+        lettered = all(o.strip()[:2] in (f"{l})", f"{l}.", f"({l}") for o, l in zip(options, OPTION_LETTERS))
+        return "\n".join(o.strip() if lettered else f"{l}) {o.strip()}" for o, l in zip(options, OPTION_LETTERS))
+    raise Rejected("wrong_type", f"options field {field!r} must be a non-empty list or dict of strings "
+                                 f"(at most {len(OPTION_LETTERS)} options)")
+
+
+def _question(record: dict, params: Params) -> str:
+    question = _first_text(record, params.question_fields, "question")
+    extra = record.get(params.input_field) if params.input_field is not None else None
+    if extra is not None:
+        if not isinstance(extra, str):
+            raise Rejected("wrong_type", f"input field {params.input_field!r} is {type(extra).__name__}, not a string")
+        if extra.strip():  # Alpaca: the problem itself often sits in `input`, the instruction only frames it
+            question = f"{question}\n\n{extra}"
+    if params.options_field is not None and record.get(params.options_field) is not None:
+        question = f"{question}\n{_options(record[params.options_field], params.options_field)}"
+    return question
+
+
+def to_trace(record: dict, params: Params, response: str | None = None,
+             store: images.ImageStore | None = None) -> dict[str, str]:
+    """One input record -> the TRACE_SCHEMA text columns (all but source_row); raises Rejected.
+
+    `response` overrides the record's response fields (one solution of a generations list); `store`
+    resolves a multimodal record's images (tasks/curate/images.py), by default against ingest.image_root."""
+    if params.image_root is not None and images.has_images(record, params.messages_field):
+        try:
+            return _multimodal_trace(record, params, response, store)
+        except images.ImageRejected as rejected:
+            raise Rejected(rejected.reason, rejected.detail) from None
+    return _text_trace(record, params, response)
+
+
+def _multimodal_trace(record: dict, params: Params, response: str | None, store: images.ImageStore | None) -> dict:
+    """A record with images: its text mapped as any record's, then the images placed in its prompt turns."""
+    flat, sources = images.flatten(record, params.messages_field)
+    trace = _text_trace(flat, params, response)
+    store = store or images.ImageStore(Path(params.image_root))
+    prompt = images.place(json.loads(trace["prompt_messages"]), sources, store)
+    prompt_json = json.dumps(prompt, ensure_ascii=False)
+    digest = content_hash(prompt_json, trace["response"])  # the parts' sha256 put the image bytes in the hash
+    given_id = _record_id(record, params)
+    return {**trace, "id": given_id or "h-" + digest[:16], "content_hash": digest, "prompt_messages": prompt_json,
+            "question": trace["question"].replace(images.PLACEHOLDER, "").strip(),
+            "raw": json.dumps(images.raw_record(record), ensure_ascii=False, default=str)}
+
+
+def _text_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
+    if params.messages_field is not None and record.get(params.messages_field) is not None:
+        prompt, question, response = _chat(record[params.messages_field], params.messages_field)
+    else:
+        question = _question(record, params)
+        if response is None:
+            response = _first_text(record, params.response_fields, "response")
+        elif not response.strip():
+            raise Rejected("empty_field", f"generation in {params.generations_field!r} is empty")
+        prompt = [{"role": "user", "content": question}]
+    given = record.get(params.answer_field) if params.answer_field is not None else None
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (str, int, float)):
+            raise Rejected("wrong_type", f"answer field {params.answer_field!r} is {type(given).__name__}")
+        value = normalise_answer(str(given))
+        found = (value, "field") if value else None
+    else:
+        found = extract_final_answer(response, params.answer_patterns)
+    if found is None:  # kept: segment's answer_fallback places its answer span, or quarantines it
+        found = ("", "none")
+    prompt_json = json.dumps(prompt, ensure_ascii=False)
+    digest = content_hash(prompt_json, response)
+    return {
+        "id": _record_id(record, params) or "h-" + digest[:16],
+        "content_hash": digest,
+        "question": question,
+        "prompt_messages": prompt_json,
+        "response": response,
+        "final_answer": found[0],
+        "answer_source": found[1],
+        # default=str: Parquet values JSON cannot hold (timestamps, bytes) are carried as text.
+        "raw": json.dumps(record, ensure_ascii=False, default=str),
+    }
+
+
+def _quarantine(ledger: StageLedger, rejected: Rejected, row: int, record: dict, params: Params,
+                trace_id: str | None = None) -> None:
+    if trace_id is None:
+        try:
+            trace_id = _record_id(record, params)
+        except Rejected:
+            trace_id = None  # the id itself is unusable; source_row still locates the record
+    ledger.reject(rejected.reason, rejected.detail, id=trace_id, source_row=row,
+                  record=json.dumps(record, ensure_ascii=False, default=str))
+
+
+def _candidates(record: dict, params: Params) -> list[tuple[dict, str | None, str | None]]:
+    """(record, response override, id) per trace of one record: one per solution of a generations list."""
+    generations = record.get(params.generations_field) if params.generations_field is not None else None
+    if generations is None:
+        return [(record, None, None)]
+    if not isinstance(generations, list):
+        raise Rejected("wrong_type", f"generations field {params.generations_field!r} is "
+                                     f"{type(generations).__name__}, not a list")
+    if not generations:
+        raise Rejected("empty_field", f"generations field {params.generations_field!r} is an empty list")
+    base = _record_id(record, params) or "h-" + content_hash(json.dumps(_question(record, params)), "")[:16]
+    # raw: the record with only this solution, so a subset written in the input's format holds one each
+    return [({**record, params.generations_field: [text]}, text, f"{base}-{index}")
+            for index, text in enumerate(generations)]
+
+
+def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
+    """The fields ingest looked for next to the fields the records have, for a run that kept nothing."""
+    looked_for = {"question_fields": list(params.question_fields), "response_fields": list(params.response_fields),
+                  "messages_field": params.messages_field, "answer_field": params.answer_field,
+                  "id_field": params.id_field}
+    looked = ", ".join(f"ingest.{name} {value!r}" for name, value in looked_for.items() if value is not None)
+    return f". Looked for {looked}; the records have fields {sorted(fields_seen)}" if fields_seen else ""
+
+
+@atomic_outputs
+def ingest(input: Path, out_dir: Path, params: Params) -> dict:
+    """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
+    params, out_dir = params.resolved(), Path(out_dir)
+    ledger = StageLedger("ingest")
+    columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
+    seen_ids: set[str] = set()
+    sources: Counter[str] = Counter()
+    ledger.extra.update(preset=params.preset, generations_expanded=0)
+    fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
+    store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images")
+    for row, source_record in read_records(Path(input), params.format, ledger):
+        fields_seen.update(source_record)
+        try:
+            candidates = _candidates(source_record, params)
+        except Rejected as rejected:
+            _quarantine(ledger, rejected, row, source_record, params)
+            continue
+        ledger.count_read(len(candidates) - 1)  # each solution of a generations list is one read
+        ledger.extra["generations_expanded"] += len(candidates) - 1
+        for record, response, trace_id in candidates:
+            try:
+                if trace_id is not None and not isinstance(response, str):
+                    raise Rejected("null_generation" if response is None else "wrong_type",
+                                   f"generation {trace_id} is {type(response).__name__}, not a string")
+                trace = to_trace(record, params, response, store)
+            except Rejected as rejected:
+                _quarantine(ledger, rejected, row, record, params, trace_id=trace_id)
+                continue
+            if trace_id is not None:
+                trace["id"] = trace_id
+            _keep(trace, row, columns, seen_ids, sources, ledger, record, params)
+    ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
+    write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
+    ledger.extra["answer_source"] = dict(sorted(sources.items()))
+    if store.digests or store.written:  # multimodal input only: a text run's stats stay as they were
+        ledger.extra.update(images_read=len(store.digests), images_embedded=store.written)
+    return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+def _keep(trace: dict, row: int, columns: dict[str, list], seen_ids: set[str], sources: Counter,
+          ledger: StageLedger, record: dict, params: Params) -> None:
+    if trace["id"] in seen_ids:
+        rejected = Rejected("duplicate_id", f"id {trace['id']!r} was already kept from an earlier record")
+        _quarantine(ledger, rejected, row, record, params, trace_id=trace["id"])
+        return
+    seen_ids.add(trace["id"])
+    sources[trace["answer_source"]] += 1
+    columns["source_row"].append(row)
+    for name, value in trace.items():
+        columns[name].append(value)
+    ledger.keep()
+
+
+STAGE = Stage(ingest, Params, paths=[
+    ("input", "JSONL / JSON / Parquet file or a datasets.save_to_disk directory"),
+    ("out_dir", "output directory"),
+])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return STAGE.main(argv)
+
+
+if __name__ == "__main__":
+    main()

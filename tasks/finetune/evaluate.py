@@ -1,0 +1,168 @@
+"""Held-out evaluation of a model: final-answer accuracy and the loss of the gold solutions.
+
+accuracy     greedy generation (batched, left-padded) from the chat-templated question; the final
+             answer is read as ingest reads it (tasks.curate.answers.extract_final_answer with
+             ingest.answer_patterns) and must equal the gold answer: as numbers after
+             normalisation ("$1,000.00" == "1000"), as equal text, as a multiple-choice letter and
+             its option text (the "A) ..." lines ingest appends to the question), or as equivalent
+             math by math-verify ("2/4" == "0.5", "\\frac{1}{2}" == "1/2"). A generation without an
+             answer marker counts as wrong; `answer_rate` says how many had one.
+gold_loss    mean token NLL of the gold solutions (response + end of turn) given the prompt, pooled
+             over all tokens of the evaluated problems: lower = the model finds correct reasoning likelier.
+             It moves smoothly where a small model's accuracy sits near zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from decimal import Decimal, InvalidOperation
+from typing import Sequence
+
+import torch
+from math_verify import parse, verify
+
+from tasks.core.artifacts import pack_batches
+from tasks.curate.answers import extract_final_answer, normalise_answer
+from tasks.finetune.train import Example, autocast, collate, decoder_layers, encode, padding_id, render, response_nll
+
+_CURRENCY = re.compile(r"^[\$€£¥₹]|[\$€£¥₹%]$")
+_OPTION_LINE = re.compile(r"^\(?([A-J])[).]\s*(.+?)\s*$", re.MULTILINE)
+# math-verify warns on every call made without its timeouts; they are off outside the main thread only
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def numeric_value(answer: str) -> Decimal | None:
+    """The number an answer states ("€1,980", "12.50", "-3", "45%"), or None if it is not one number."""
+    text = normalise_answer(_CURRENCY.sub("", normalise_answer(answer)))  # again: "€1,980" -> "1,980" -> "1980"
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def options_of(question: str) -> dict[str, str]:
+    """Multiple-choice options "A) text" / "(B) text" / "C. text", one per line of the question."""
+    return {letter: text for letter, text in _OPTION_LINE.findall(question)}
+
+
+def equivalent_math(predicted: str, gold: str) -> bool:
+    """math-verify's equivalence (sympy): fractions, decimals, LaTeX, thousands separators, sets, intervals.
+
+    Its timeouts use SIGALRM, which only the main thread may set; elsewhere (a Prefect worker thread)
+    they are off, fine for the short extracted answers compared here."""
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+
+    def parsed(answer: str) -> list:
+        # bare LaTeX ("\\dfrac{3}{4}", as ingest's normalise_answer leaves it) needs math delimiters to be read
+        return parse(f"${answer}$" if "\\" in answer else answer, parsing_timeout=timeout)
+
+    gold_parsed, predicted_parsed = parsed(gold), parsed(predicted)
+    return bool(gold_parsed and predicted_parsed and verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
+
+
+def answers_match(predicted: str, gold: str, options: dict[str, str] | None = None) -> bool:
+    """Equal as numbers, as normalised text, as a letter and its option text, or as equivalent math."""
+    predicted_number, gold_number = numeric_value(predicted), numeric_value(gold)
+    if predicted_number is not None and gold_number is not None:
+        return predicted_number == gold_number
+    predicted_text, gold_text = normalise_answer(predicted).strip(), normalise_answer(gold).strip()
+    if predicted_text == gold_text:
+        return True
+    texts = {letter: normalise_answer(text).strip() for letter, text in (options or {}).items()}
+    if predicted_text in texts or gold_text in texts:  # a letter stands for its option text, either way round
+        predicted_text, gold_text = texts.get(predicted_text, predicted_text), texts.get(gold_text, gold_text)
+        if predicted_text == gold_text:
+            return True
+    return equivalent_math(predicted_text, gold_text)
+
+
+def score_generations(generations: Sequence[str], golds: Sequence[str], patterns: Sequence[str],
+                      questions: Sequence[str] | None = None) -> list[dict]:
+    """Per generation: the extracted answer (None without a marker), its marker kind, and correctness."""
+    scored = []
+    questions = questions if questions is not None else [""] * len(golds)
+    for generation, gold, question in zip(generations, golds, questions, strict=True):
+        found = extract_final_answer(generation, patterns)
+        predicted, source = found if found is not None else (None, None)
+        scored.append({"predicted": predicted, "source": source,
+                       "correct": predicted is not None and answers_match(predicted, gold, options_of(question))})
+    return scored
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of `prompts`, batched by prompt length with left padding; in input order."""
+    device = str(next(model.parameters()).device)
+    tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
+    lengths = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+        with autocast(device):
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=padding_id(tokenizer))  # (B, T_prompt + T_new)
+        new_tokens = generated[:, encoded["input_ids"].shape[1]:]  # (B, T_new)
+        for index, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[index] = text
+    return [outputs[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def gold_nll(model, examples: list[Example], pad_id: int, batch_tokens: int,
+             trunk: tuple[int, list[torch.Tensor]] | None = None) -> tuple[list[float], list[int]]:
+    """Per example: summed NLL of its completion tokens, and their count (teacher forcing).
+
+    `trunk` = (first top layer, the examples' trunk states): run only the top layers (tasks/finetune/trunk.py)."""
+    device = str(next(model.parameters()).device)
+    sums, counts = [0.0] * len(examples), [0] * len(examples)
+    with contextlib.nullcontext() if trunk is None else decoder_layers(model, trunk[0]):
+        for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
+            states = None if trunk is None else [trunk[1][i] for i in indices]
+            with autocast(device):
+                nll, n = response_nll(model, collate([examples[i] for i in indices], pad_id, device, states))
+            for row, index in enumerate(indices):
+                sums[index], counts[index] = float(nll[row]), int(n[row])
+    return sums, counts
+
+
+def evenly_spaced(items: list, limit: int | None) -> list:
+    """`limit` items spread evenly over `items` (every template keeps its share); all if limit is None."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def evaluate(model, tokenizer, problems: list[dict], params, patterns: Sequence[str],
+             trunk: tuple[int, list[torch.Tensor]] | None = None) -> dict:
+    """Gold loss on all `problems`, accuracy on params.accuracy_problems of them (generation is the cost).
+
+    A problem is a dict with id, prompt_messages (a list of turns), response and final_answer;
+    `trunk`: (first top layer, the problems' trunk states) for the gold loss, see gold_nll.
+    """
+    asked = evenly_spaced(problems, params.accuracy_problems)
+    prompts = [render(tokenizer, problem["prompt_messages"], problem["response"])[0] for problem in asked]
+    generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size)
+    questions = [next((m["content"] for m in reversed(problem["prompt_messages"]) if m["role"] == "user"), "")
+                 for problem in asked]
+    scored = score_generations(generations, [problem["final_answer"] for problem in asked], patterns, questions)
+    examples = [encode(tokenizer, problem["prompt_messages"], problem["response"], params.max_seq_len)
+                for problem in problems]
+    sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk)
+    n = len(asked)
+    return {
+        "n_problems": len(problems),
+        "n_accuracy_problems": n,
+        "accuracy": sum(item["correct"] for item in scored) / n if n else None,
+        "answer_rate": sum(item["predicted"] is not None for item in scored) / n if n else None,
+        "gold_loss": sum(sums) / sum(counts) if sum(counts) else None,
+        "gold_truncated": sum(example.truncated for example in examples),
+        "predictions": [{"id": problem["id"], "gold": problem["final_answer"], **item, "generation": generation}
+                        for problem, item, generation in zip(asked, scored, generations)],
+    }

@@ -1,0 +1,112 @@
+"""Stage export: every subset as chat messages, Alpaca and Parquet, each round-tripping to the source rows."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.core.schema import EXPORT_SCHEMA
+from tasks.core.stage import ParamsError, params_from_dict
+from tasks.curate.export import Params, export, to_alpaca
+from tests.tasks.outputs_tree import build_outputs
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    built = build_outputs(tmp_path / "outputs", n=30, fractions=(0.1, 0.2))
+    segments = pq.read_table(tmp_path / "outputs/segment/segments.parquet").to_pylist()
+    ranking = pq.read_table(tmp_path / "outputs/select/subsets/ranking.parquet").to_pylist()
+    return tmp_path / "outputs", built, {r["id"]: r for r in segments}, {r["id"]: r for r in ranking}
+
+
+def run(root, params=Params()):
+    return export(root / "select/subsets", root / "segment/segments.parquet", root / "export", params)
+
+
+def test_every_format_round_trips_to_the_source_rows(outputs):
+    root, built, traces, ranking = outputs
+    stats = run(root)
+    for name, ids in built["subsets"].items():
+        folder = root / "export/subsets" / name
+        messages = [json.loads(line) for line in (folder / "messages.jsonl").read_text().splitlines()]
+        assert [m["id"] for m in messages] == ids  # subset order = rank order
+        for record in messages:
+            trace = traces[record["id"]]
+            assert record["messages"][:-1] == json.loads(trace["prompt_messages"])
+            assert record["messages"][-1] == {"role": "assistant", "content": trace["response"]}
+        pairs = [json.loads(line) for line in (folder / "prompt_completion.jsonl").read_text().splitlines()]
+        assert [p["id"] for p in pairs] == ids
+        for pair, record in zip(pairs, messages):  # the same conversation, cut where the loss starts
+            assert pair["prompt"] == record["messages"][:-1] and pair["completion"] == record["messages"][-1:]
+        alpaca = json.loads((folder / "alpaca.json").read_text())
+        assert len(alpaca) == len(ids)
+        for record, id_ in zip(alpaca, ids):
+            prompt = json.loads(traces[id_]["prompt_messages"])
+            system = {"system": prompt[0]["content"]} if prompt[0]["role"] == "system" else {}
+            assert record == {"instruction": traces[id_]["question"], "input": "", "output": traces[id_]["response"],
+                              **system}
+        table = pq.read_table(folder / "data.parquet")
+        assert table.schema.equals(EXPORT_SCHEMA)
+        for row, id_ in zip(table.to_pylist(), ids):
+            assert row["id"] == id_ and row["response"] == traces[id_]["response"]
+            assert row["prompt_messages"] == json.loads(traces[id_]["prompt_messages"])
+            assert (row["score"], row["rank"]) == (ranking[id_]["score"], ranking[id_]["rank"])
+    n_rows = sum(len(ids) for ids in built["subsets"].values()) * 4
+    assert (stats["read"], stats["kept"], stats["quarantined"]) == (n_rows, n_rows, 0)
+    assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in built["subsets"]["top20pct"])
+
+
+def test_multi_turn_prompt_leaves_alpaca_only_and_is_quarantined(outputs):
+    root, built, traces, _ = outputs
+    multi = built["subsets"]["top10pct"][0]
+    table = pq.read_table(root / "segment/segments.parquet")
+    rows = table.to_pylist()
+    for row in rows:
+        if row["id"] == multi:
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                     {"role": "user", "content": row["question"]}]
+            row["prompt_messages"] = json.dumps(turns)
+    pq.write_table(table.from_pylist(rows, schema=table.schema), root / "segment/segments.parquet")
+    stats = run(root)
+    folder = root / "export/subsets/top10pct"
+    alpaca = json.loads((folder / "alpaca.json").read_text())
+    assert len(alpaca) == len(built["subsets"]["top10pct"]) - 1
+    assert traces[multi]["question"] not in [r["instruction"] for r in alpaca]
+    first = json.loads((folder / "messages.jsonl").read_text().splitlines()[0])
+    assert first["id"] == multi and [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
+    quarantine = [json.loads(line) for line in (root / "export/quarantine.jsonl").read_text().splitlines()]
+    # The trace is in both subsets (top10 is inside top20): one alpaca row refused per subset.
+    assert sorted((q["id"], q["reason"]) for q in quarantine) == [(multi, "alpaca_multi_turn")] * 2
+    assert stats["read"] == stats["kept"] + stats["quarantined"] and stats["quarantined"] == 2
+
+
+def test_missing_trace_is_quarantined_and_formats_param_is_honoured(outputs):
+    root, built, _, _ = outputs
+    ids_file = root / "select/subsets/top10pct/ids.txt"
+    ids_file.write_text(ids_file.read_text() + "ghost\n")
+    stats = run(root, Params(formats=("messages",)))
+    assert sorted(p.name for p in (root / "export/subsets/top10pct").iterdir()) == ["messages.jsonl"]
+    quarantine = [json.loads(line) for line in (root / "export/quarantine.jsonl").read_text().splitlines()]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("ghost", "id_not_in_segments")]
+    assert stats["rows"]["top10pct"] == {"messages": len(built["subsets"]["top10pct"])}
+
+
+def test_rerun_replaces_stale_subsets(outputs):
+    root, _, _, _ = outputs
+    run(root)
+    (root / "export/subsets/old_subset").mkdir()
+    run(root)
+    assert sorted(p.name for p in (root / "export/subsets").iterdir()) == ["top10pct", "top20pct"]
+
+
+def test_params_and_alpaca_shapes():
+    with pytest.raises(ParamsError, match="export.formats"):
+        params_from_dict(Params, "export", {"formats": ["messages", "sharegpt"]})
+    assert params_from_dict(Params, "export", {"formats": ["alpaca"]}).formats == ("alpaca",)
+    assert to_alpaca([{"role": "user", "content": "q"}], "q", "r") == {"instruction": "q", "input": "", "output": "r"}
+    # the system prompt is Alpaca's `system` column, never the problem's `input`
+    assert to_alpaca([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "q", "r") == {
+        "instruction": "q", "input": "", "output": "r", "system": "s"}
+    assert to_alpaca([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}], "q", "r") is None
