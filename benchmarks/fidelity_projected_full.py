@@ -7,7 +7,7 @@ projected scorer used (finetune.scorers.pooled_segments, seed 0), so the numbers
 earlier `linear` run (docs/fidelity-projected-vs-full.md). Only those 20 are extracted: exact `full`
 costs one full backward pass per span. Prints fidelity.md; about 40 min on 2 CPU cores.
 """
-import subprocess, sys, yaml, json, numpy as np, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute as pc, time
+import subprocess, sys, yaml, numpy as np, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute as pc, time
 from pathlib import Path
 W = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
 O = W / "outputs"; py = sys.executable
