@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -215,34 +215,36 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
-def step_rows(table: pa.Table | None, id_: str) -> dict[int, dict[str, Any]]:
-    if table is None:
+def rows_by_id(table: pa.Table | None, ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of `ids` in `table`, grouped by id: one polars semi-join over the whole table rather
+    than one scan per id (a diff explains every trace that crossed a boundary, thousands at 10^6)."""
+    if table is None or not ids:
         return {}
-    rows = table.filter(pc.equal(table.column("id"), id_)).to_pylist()
-    return {row["step_index"]: row for row in rows}
+    wanted = pl.DataFrame({"id": sorted(ids)}, schema={"id": pl.String})
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in pl.from_arrow(table).join(wanted, on="id", how="semi").iter_rows(named=True):
+        found.setdefault(row["id"], []).append(row)
+    return found
 
 
-def mover_steps(a: pa.Table | None, b: pa.Table | None, id_: str) -> list[dict[str, Any]]:
-    """Per step of one trace: alpha, consistency and step score in A and in B, side by side."""
-    a_rows, b_rows = step_rows(a, id_), step_rows(b, id_)
+def mover_steps(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per step of one trace (its step-score rows in A and in B): alpha, consistency, step score side by side."""
+    a_steps, b_steps = ({row["step_index"]: row for row in rows} for rows in (a_rows, b_rows))
     steps = []
-    for k in sorted(set(a_rows) | set(b_rows)):
+    for k in sorted(set(a_steps) | set(b_steps)):
         row: dict[str, Any] = {"step_index": k, "step": k + 1}  # step: numbered from 1, as the report does
         for column in STEP_COLUMNS:
-            row[f"{column}_a"] = a_rows.get(k, {}).get(column)
-            row[f"{column}_b"] = b_rows.get(k, {}).get(column)
+            row[f"{column}_a"] = a_steps.get(k, {}).get(column)
+            row[f"{column}_b"] = b_steps.get(k, {}).get(column)
         steps.append(row)
     return steps
 
 
-def step_texts(segments: pa.Table | None, id_: str) -> list[str]:
-    """The text of each step of one trace, from segments.parquet; [] where the version has none."""
-    if segments is None:
+def step_texts(segment_rows: list[dict[str, Any]]) -> list[str]:
+    """The text of each step of one trace, from its segments.parquet row; [] where the version has none."""
+    if not segment_rows:
         return []
-    rows = segments.filter(pc.equal(segments.column("id"), id_)).to_pylist()
-    if not rows:
-        return []
-    row = rows[0]
+    row = segment_rows[0]
     return [row["scored_response"][s:e] for s, e in zip(row["step_starts"], row["step_ends"])]
 
 
@@ -264,10 +266,13 @@ def crossings(a: Version, b: Version) -> list[dict[str, Any]]:
         thresholds = {"threshold_a": threshold(a, a_ids), "threshold_b": threshold(b, b_ids)}
         moved = [("entered", i) for i in sorted(b_ids - a_ids, key=lambda i: (rank_b.get(i, len(rank_b) + 1), i))]
         moved += [("left", i) for i in sorted(a_ids - b_ids, key=lambda i: (rank_a.get(i, len(rank_a) + 1), i))]
+        ids = {id_ for _, id_ in moved}
+        steps_a, steps_b = rows_by_id(a.step_scores, ids), rows_by_id(b.step_scores, ids)
+        segments_a, segments_b = rows_by_id(a.segments, ids), rows_by_id(b.segments, ids)
         traces = []
         for direction, id_ in moved:
-            texts = step_texts(b.segments, id_) or step_texts(a.segments, id_)
-            steps = mover_steps(a.step_scores, b.step_scores, id_)
+            texts = step_texts(segments_b.get(id_, [])) or step_texts(segments_a.get(id_, []))
+            steps = mover_steps(steps_a.get(id_, []), steps_b.get(id_, []))
             for step in steps:
                 step["text"] = texts[step["step_index"]] if step["step_index"] < len(texts) else None
             changes = [(abs(s["step_score_b"] - s["step_score_a"]), s["step"]) for s in steps
@@ -284,6 +289,7 @@ def diff_versions(a: Version, b: Version, top: int = 5) -> dict[str, Any]:
     common = sorted(set(a.scores) & set(b.scores))
     rank_a, rank_b = ranks(a.scores, common), ranks(b.scores, common)
     movers = sorted(common, key=lambda i: (-abs(rank_a[i] - rank_b[i]), i))[:top]
+    steps_a, steps_b = rows_by_id(a.step_scores, set(movers)), rows_by_id(b.step_scores, set(movers))
     return {
         "a": a.label,
         "b": b.label,
@@ -312,7 +318,7 @@ def diff_versions(a: Version, b: Version, top: int = 5) -> dict[str, Any]:
                 "rank_gain": rank_a[id_] - rank_b[id_],  # > 0: B ranks it higher
                 "score_a": a.scores[id_],
                 "score_b": b.scores[id_],
-                "steps": mover_steps(a.step_scores, b.step_scores, id_),
+                "steps": mover_steps(steps_a.get(id_, []), steps_b.get(id_, [])),
             }
             for id_ in movers
             if rank_a[id_] != rank_b[id_]
