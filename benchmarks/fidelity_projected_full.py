@@ -3,7 +3,7 @@
     python benchmarks/fidelity_projected_full.py [WORKDIR]    # default: the repository (outputs/ under it)
 
 The 20 traces are the ones fidelity samples (seed 0) from the 500-trace pool the fine-tune table's
-projected scorer used (finetune.scorers.pooled_segments, seed 0), so the numbers line up with the
+projected scorer used (tasks.finetune.scorers.pooled_segments, seed 0), so the numbers line up with the
 earlier `linear` run (docs/fidelity-projected-vs-full.md). Only those 20 are extracted: exact `full`
 costs one full backward pass per span. Prints fidelity.md; about 40 min on 2 CPU cores.
 """

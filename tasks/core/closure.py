@@ -18,7 +18,7 @@ PACKAGES = ("tasks", "flows")
 
 
 def _module_file(name: str) -> Path | None:
-    """tasks.curate.extract -> ROOT/tasks/extract.py (or a package's __init__.py); None outside the project."""
+    """tasks.curate.extract -> ROOT/tasks/curate/extract.py (or a package's __init__.py); None outside the project."""
     if name.split(".")[0] not in PACKAGES:
         return None
     base = ROOT.joinpath(*name.split("."))

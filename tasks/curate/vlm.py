@@ -16,10 +16,11 @@ of added tokens. That suffix is checked token for token (else image_expansion_mi
 response token keeps exactly one step or answer span. The prompt is never cut: image tokens cannot be
 truncated, so a multimodal trace longer than max_length is refused (response_exceeds_context).
 
-Batching and memory: extract's pack_batches counts the expanded length, so the batch_tokens budget
-counts image tokens; pixels are made per batch in model_inputs (never held for a shard) and a batch
-with images is waited for before the next is built, so one batch of images is in memory and in flight
-at a time; on CUDA the forward runs under bf16 autocast as for text.
+Batching and memory: extract's batching (pack_batches, core/artifacts.py) counts the expanded
+length, so the batch_tokens budget counts image tokens; pixels are made per batch in model_inputs
+(never held for a shard) and a batch with images is waited for before the next is built, so one
+batch of images is in memory and in flight at a time; on CUDA the forward runs under bf16 autocast
+as for text.
 """
 
 from __future__ import annotations

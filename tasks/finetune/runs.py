@@ -34,7 +34,7 @@ from tasks.finetune.subsets import Params
 
 log = logging.getLogger(__name__)
 # Every project module this stage imports, transitively: the run cache key follows the code (tasks/core/closure.py),
-# so a change to, say, core.batches.pack_batches (which decides the training batches) retrains what it touches.
+# so a change to, say, core.artifacts.pack_batches (which decides the training batches) retrains what it touches.
 CODE = import_closure(__file__)
 # Settings that decide which runs exist, or where results go, but not a run's numbers.
 NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device")

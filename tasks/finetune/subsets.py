@@ -1,9 +1,9 @@
 """Fine-tune on each subset and evaluate on held-out data: the paper's table on the user's data.
 
 Three stages share the params section finetune_eval (finetune/dvc.yaml; `dvc repro finetune/dvc.yaml`):
-    tasks/finetune/subsets.py    subsets: every method's subsets           (this module: Params + stage)
-    tasks/finetune/runs.py    runs:    fine-tune and evaluate each one   (finetune.py, evaluate.py, trunk.py)
-    tasks/finetune/report.py  report:  the table, metrics and plot
+    tasks/finetune/subsets.py  subsets: every method's subsets           (this module: Params + stage)
+    tasks/finetune/runs.py     runs:    fine-tune and evaluate each one   (train.py, evaluate.py, trunk.py)
+    tasks/finetune/report.py   report:  the table, metrics and plot
 
     python -m tasks.finetune.subsets --step-scores outputs/score/step_scores.parquet \
         --extract outputs/extract --unconditional outputs/unconditional/losses.parquet \
