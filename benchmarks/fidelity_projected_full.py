@@ -9,7 +9,11 @@ costs one full backward pass per span. Prints fidelity.md; about 40 min on 2 CPU
 """
 import subprocess, sys, yaml, numpy as np, pyarrow as pa, pyarrow.parquet as pq, pyarrow.compute as pc, time
 from pathlib import Path
-W = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else Path(__file__).resolve().parents[1]
+import argparse
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("workdir", nargs="?", default=str(Path(__file__).resolve().parents[1]),
+                    help="a checkout whose params.yaml and data are used; outputs/ go under it (default: this one)")
+W = Path(parser.parse_args().workdir).resolve()
 O = W / "outputs"; py = sys.executable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tasks.finetune.scorers import pooled_segments
