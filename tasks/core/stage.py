@@ -52,6 +52,15 @@ def stage_logger(stage: str) -> logging.Logger:
     return logging.getLogger(f"tasks.{stage}")
 
 
+def module_logger(name: str) -> logging.Logger:
+    """`logging.getLogger(__name__)` that survives `python -m`: run that way (as dvc.yaml does) a module's
+    __name__ is "__main__", a logger outside `tasks` whose lines (extract's progress) went nowhere."""
+    if name == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        name = spec.name if spec is not None else name
+    return logging.getLogger(name)
+
+
 def show_stage_logs() -> None:
     """A command-line stage prints its own INFO lines on stderr (dvc repro shows them).
 

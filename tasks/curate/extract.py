@@ -34,7 +34,6 @@ import functools
 import hashlib
 import itertools
 import json
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -49,15 +48,15 @@ import pyarrow.parquet as pq
 from tasks.core.artifacts import pack_batches
 from tasks.core.progress import Progress, show_progress
 from tasks.core.schema import EXTRACT_SCHEMA, QuarantineRecord
-from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, params_section,
-                              write_json, write_parquet)
+from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, module_logger,
+                              params_section, write_json, write_parquet)
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
 from tasks.curate.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.curate.spans import EncodedTrace, SpanError, trace_spans
 from tasks.curate.vlm import VLMProxyModel, is_vlm_dir
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -22,9 +21,9 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.core.stage import ParamsError, Stage, params_section
+from tasks.core.stage import ParamsError, Stage, module_logger, params_section
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 GGUF_WHEEL = "gguf-wheel"
 

@@ -49,7 +49,6 @@ dL/dB = sum_t delta_t (A x_t)^T, the lora_B layer's own weight gradient.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +56,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tasks.core.stage import module_logger
 from tasks.curate.proxy import ProxyModel, TraceNumbers, collate, fixed_threads, span_summaries
 from tasks.curate.spans import EncodedTrace
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 PROJECTIONS = ("gaussian", "rademacher")
 PROJECTED_TARGETS = ("linear", "full", "lora")

@@ -22,7 +22,6 @@ stats.json.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -33,14 +32,14 @@ import pyarrow.parquet as pq
 from tasks.core.artifacts import pack_batches
 from tasks.core.progress import show_progress
 from tasks.core.schema import UNCONDITIONAL_SCHEMA
-from tasks.core.stage import Stage, StageLedger, atomic_outputs, write_parquet
+from tasks.core.stage import Stage, StageLedger, atomic_outputs, module_logger, write_parquet
 from tasks.curate.extract import Params, read_segment_batches
 from tasks.curate.proxy import resolve_device
 from tasks.curate.spans import EncodedTrace, encode_traces, trace_spans
 from tasks.curate import vlm
 
 NO_PROMPT = "[]"  # prompt_messages of a chat with no turn before the response
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 COLUMNS = ["id", "source_row", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
 
 

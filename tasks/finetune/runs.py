@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -26,13 +25,13 @@ import pyarrow.parquet as pq
 
 from tasks.core.closure import import_closure
 from tasks.core.progress import show_progress
-from tasks.core.stage import Stage, write_json
+from tasks.core.stage import Stage, module_logger, write_json
 from tasks.curate import ingest as ingest_stage
 from tasks.curate.proxy import model_identity
 from tasks.finetune import evaluate, train, trunk
 from tasks.finetune.subsets import Params
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 # Every project module this stage imports, transitively: the run cache key follows the code (tasks/core/closure.py),
 # so a change to, say, core.artifacts.pack_batches (which decides the training batches) retrains what it touches.
 CODE = import_closure(__file__)

@@ -207,3 +207,24 @@ def test_a_shard_whose_rows_changed_after_planning_is_refused(tmp_path, gsm_rows
     extract_shard(plan[0], changed, tiny_model_dir, tmp_path / "out", params(tmp_path))  # shard 0 is untouched
     with pytest.raises(RuntimeError, match="changed since the plan"):
         extract_shard(plan[1], changed, tiny_model_dir, tmp_path / "out", params(tmp_path))
+
+
+def test_progress_lines_reach_stderr_under_python_m(tmp_path, tiny_model_dir):
+    """dvc.yaml runs `python -m tasks.curate.extract`: there the module is __main__, and its progress
+    logger must still be one of `tasks`, whose lines the command prints (they once went nowhere)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.tasks import tiny_pipeline
+    from tests.tasks.curate.test_extract_scale import gsm_rows
+
+    (tmp_path / "data").mkdir()
+    segments = tiny_pipeline.build_segments(tmp_path / "data", gsm_rows(2))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"device": "cpu", "cache_dir": None}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.curate.extract", "--params", str(tmp_path / "params.yaml"), "--segments",
+         str(segments), "--model", str(tiny_model_dir), "--out-dir", str(tmp_path / "out")],
+        cwd=Path(__file__).parents[3], env={**os.environ, "GRACE_PROGRESS": "log", "GRACE_PROGRESS_SECONDS": "0", "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300, check=True)
+    assert "extract: 2/2 traces (100%)" in done.stderr, done.stderr
