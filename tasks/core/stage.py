@@ -318,7 +318,8 @@ def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
         bound = signature.bind(*args, **kwargs)
         out_dir = Path(bound.arguments["out_dir"])
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+        prefix, suffix = _staging_affixes(out_dir.name)
+        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix, suffix=suffix))
         try:
             bound.arguments["out_dir"] = work = staging / out_dir.name  # the same name, for code that reads it
             work.mkdir()
@@ -333,12 +334,18 @@ def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _staging_affixes(name: str) -> tuple[str, str]:
+    """The prefix and suffix of atomic_outputs' staging directory for an out_dir called `name`."""
+    return f".{name}.", ".tmp"
+
+
 def published_dir(out_dir: str | os.PathLike) -> Path:
     """The directory `out_dir` becomes once atomic_outputs publishes it: a path recorded inside an output
     (an embedded image's file) must name that one, not the staging copy the core writes into."""
     out_dir = Path(out_dir)
     staging = out_dir.parent
-    if staging.name.startswith(f".{out_dir.name}.") and staging.name.endswith(".tmp"):
+    prefix, suffix = _staging_affixes(out_dir.name)
+    if staging.name.startswith(prefix) and staging.name.endswith(suffix):
         return staging.parent / out_dir.name
     return out_dir
 
