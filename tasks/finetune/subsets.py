@@ -70,11 +70,16 @@ class Params:
     variants: tuple[dict, ...] = (
         {"name": "grace-clusters", "within_clusters": True}, {"name": "grace-warmed", "scorer": "warmed"},
         {"name": "grace-warmed-clusters", "scorer": "warmed", "within_clusters": True},
-        {"name": "grace-projected", "scorer": "projected", "gradient": "projected"})
+        {"name": "grace-projected", "scorer": "projected", "gradient": "projected"},
+        {"name": "grace-projected-clusters", "scorer": "projected", "gradient": "projected", "within_clusters": True},
+        {"name": "grace-projected-warmed", "scorer": "projected-warmed", "gradient": "projected"},
+        {"name": "grace-projected-warmed-clusters", "scorer": "projected-warmed", "gradient": "projected",
+         "within_clusters": True})
     # extra extractions variants name: name -> {model: base | warmup, projected: bool, pool: null | N}
     scorers: dict = dataclasses.field(default_factory=lambda: {
         "warmed": {"model": "warmup", "projected": False, "pool": None},
-        "projected": {"model": "base", "projected": True, "pool": 500}})
+        "projected": {"model": "base", "projected": True, "pool": 500},
+        "projected-warmed": {"model": "warmup", "projected": True, "pool": 500}})
 
     def check(self) -> None:
         def fail(name: str, wanted: str):
