@@ -20,6 +20,9 @@ LLaMA-Factory), alpaca.json "<image>" placeholders in the instruction and "image
 `images` column, and each subset also gets
   llava.json      [{"id", "image": file (a list where several), "conversations": [{"from", "value"}, ...]}, ...]
                   (LLaVA's training layout: "<image>" placeholders in the human turn)
+The image files are named as ingest recorded them (tasks/curate/images.py recorded_path): relative to the
+repository root where they lie inside it, so a trainer reads them from a clone's root (LLaVA's
+--image_folder); absolute only for files outside the checkout.
 A text-only run writes exactly what it wrote before: no llava.json, no `images` key or column.
 The response is the trace as given (calculator annotations included), not the scored text.
 A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined

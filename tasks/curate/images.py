@@ -13,6 +13,12 @@ In the trace a turn holding images has list content: {"type": "text", "text"} an
 content_hash, the per-trace extraction cache and DVC all see an edited image; a text trace keeps its
 string contents and its bytes. Embedded bytes (Image features) are written once to
 <ingest out>/images/<sha256>.<format>, so every later stage reads images from files.
+Where an image is recorded (recorded_path, the one place that decides it; image_file reads it back):
+relative to the working directory when the file lies inside it, else absolute. `dvc repro` runs every
+stage from the repository root (dvc.yaml's directory) and the Prefect flow runs them all in one
+process, so the working directory is the checkout: two clones write the same bytes (DVC's hashes, run
+cache and `dvc pull` match across machines) and the exports name files inside any clone. A file
+outside the checkout (a shared mount) has no checkout-independent name but its absolute one.
 An image that is missing, unreadable or not an image is refused: reasons image_missing,
 image_unreadable; a count of placeholders that does not match the images: image_placeholder_mismatch.
 """
@@ -24,6 +30,7 @@ import hashlib
 import html
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +104,25 @@ def flatten(record: dict, messages_field: str | None) -> tuple[dict, list[Any]]:
     return flat, sources
 
 
+def recorded_path(path: Path) -> str:
+    """How a trace names an image file: relative to the working directory inside it, else absolute (module docstring)."""
+    cwd = Path.cwd()
+    # abspath first keeps a symlink inside the checkout as it is; resolve() then catches a path that reaches
+    # the checkout through a symlinked spelling of it (cwd is always the physical directory)
+    for absolute, base in ((Path(os.path.abspath(path)), cwd), (Path(path).resolve(), cwd.resolve())):
+        if absolute.is_relative_to(base):
+            return absolute.relative_to(base).as_posix()
+    return Path(os.path.abspath(path)).as_posix()
+
+
+def image_file(recorded: str) -> Path:
+    """The file a recorded image path names, for every reader (extract, report, export's consumers).
+
+    A relative path is read against the working directory: the stage's, the same checkout that ingest
+    ran in (a remote Dask worker must be started from the repository root too)."""
+    return Path(recorded)
+
+
 class ImageStore:
     """Resolves image sources to checked files with their sha256; embedded bytes are written under embed_dir."""
 
@@ -105,6 +131,10 @@ class ImageStore:
         # differs while ingest writes into atomic_outputs' staging copy of its directory
         self.root, self.embed_dir = Path(root), embed_dir
         self.published_dir = published_dir if published_dir is not None else embed_dir
+        if embed_dir is not None:
+            # made even when no image is embedded (a text pool): dvc.yaml declares it an out of ingest, and
+            # DVC 3 caches, pushes and restores an empty directory like any other
+            embed_dir.mkdir(parents=True, exist_ok=True)
         self.digests: dict[str, str] = {}  # path -> sha256, so an image shared by many records is read once
         self.written = 0  # embedded images written to embed_dir
 
@@ -129,10 +159,9 @@ class ImageStore:
                 raise ImageRejected("image_missing", "an embedded image needs ingest's output directory to be written to")
             path = self.embed_dir / f"{digest}.{extension}"
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
                 self.written += 1
-            return {"type": "image", "image": str(self.published_dir / path.name), "sha256": digest}
+            return {"type": "image", "image": recorded_path(self.published_dir / path.name), "sha256": digest}
         if isinstance(source, dict):
             source = source.get("path")
         if not isinstance(source, str) or not source.strip():
@@ -141,7 +170,7 @@ class ImageStore:
             raise ImageRejected("image_missing", f"image {source:.80} is a URL; download it and give a path")
         path = Path(source).expanduser()
         path = path if path.is_absolute() else self.root / path
-        key = str(path)
+        key = recorded_path(path)
         if key not in self.digests:
             if not path.is_file():
                 raise ImageRejected("image_missing", f"image {source} not found (looked at {path})")
@@ -185,7 +214,7 @@ def text_of(content: str | list[dict]) -> str:
 
 
 def image_paths(prompt_messages: str | list[dict]) -> list[str]:
-    """The image files of a trace's prompt, in order; [] for a text trace."""
+    """The image files of a trace's prompt as recorded (recorded_path), in order; [] for a text trace."""
     messages = json.loads(prompt_messages) if isinstance(prompt_messages, str) else prompt_messages
     return [part["image"] for message in messages if isinstance(message["content"], list)
             for part in message["content"] if part["type"] == "image"]
@@ -227,7 +256,7 @@ def thumbnails_html(prompt_messages: str, size: int = 160) -> str:
     tags = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with Image.open(image_file(path)) as image:
                 image = image.convert("RGB")
                 image.thumbnail((size, size))
                 buffer = io.BytesIO()

@@ -78,7 +78,8 @@ class Params:
     generations_field: str | None = None  # a list of solutions per problem: one trace each
     options_field: str | None = None  # multiple-choice options, appended to the question as "A) ..." lines
     # null: image fields are ignored (text-only, as before); a directory: records with images are read as
-    # multimodal traces (tasks/curate/images.py), their image paths relative to it
+    # multimodal traces (tasks/curate/images.py), their image paths relative to it. The traces record each
+    # file relative to the working directory (images.recorded_path), however image_root is spelled
     image_root: str | None = None
 
     def resolved(self) -> "Params":
@@ -107,7 +108,9 @@ class DataParams:
     --input (so DVC tracks the file); declared here so the section is typed and known like any other."""
 
     pool: str = "data/gsm_noisy/pool.jsonl"  # a JSONL/JSON/Parquet file or a HF dataset directory
-    images: str = "data/gsm_noisy"  # the directory of the pool's images, a dep of ingest (an edited image re-runs it)
+    # the directory of the pool's image files, a dep of ingest (an edited image re-runs it): a multimodal pool's
+    # ingest.image_root; a text pool has none, and dvc.yaml needs an existing path, so an empty stand-in
+    images: str = "data/no_images"
 
 
 class Rejected(Exception):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.curate.images import image_file, image_paths
 from tasks.curate.proxy import ProxyModel
 from tasks.curate.spans import EncodedTrace, SpanError, _check_spans, _fit, question_offset, token_spans
 
@@ -72,7 +73,7 @@ def load_images(paths) -> list:
 
     loaded = []
     for path in paths:
-        with Image.open(path) as image:
+        with Image.open(image_file(path)) as image:
             loaded.append(image.convert("RGB"))
     return loaded
 
@@ -80,8 +81,6 @@ def load_images(paths) -> list:
 def encode_multimodal(processor, traces: list[tuple[str, str, list[tuple[int, int]]]], *,
                       max_length: int | None) -> list[EncodedTrace | SpanError]:
     """Encode (prompt_messages JSON, scored_response, spans) triples with the processor (module docstring)."""
-    from tasks.curate.images import image_paths
-
     tokenizer = processor.tokenizer
     results: list[EncodedTrace | SpanError] = []
     for prompt, response, spans in traces:

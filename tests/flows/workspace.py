@@ -1,7 +1,7 @@
 """A pipeline workspace on tiny data, and what two runs of the pipeline must agree on, file by file.
 
-`write_workspace` lays out a directory like the repository (params.yaml, data/gsm_noisy/pool.jsonl)
-with eight GSM rows, four of them bad in some way, and params for the tiny test model.
+`write_workspace` lays out a directory like the repository (params.yaml, data/gsm_noisy/pool.jsonl
+and data/no_images, params.yaml's data.images for a text pool) with eight GSM rows, four of them bad in some way, and params for the tiny test model.
 
 `assert_same_artifacts` compares two outputs/ trees: every artifact as bytes, except what records
 the run rather than the data: the run counters (wall time, throughput, cache hits) in stats.json,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -37,7 +38,7 @@ POOL_LINES = [json.dumps(row, ensure_ascii=False) for row in GSM_ROWS] + [
 
 
 def write_workspace(root: Path, model_dir: Path, **extract_overrides) -> Path:
-    """root/params.yaml (the repository's, on the tiny model) and root/data/gsm_noisy/pool.jsonl."""
+    """root/params.yaml (the repository's, on the tiny model), root/data/gsm_noisy/pool.jsonl and data/no_images."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["source"] = str(model_dir)
     # Two shards of two traces; no cache, so every run computes what it writes.
@@ -48,6 +49,7 @@ def write_workspace(root: Path, model_dir: Path, **extract_overrides) -> Path:
     pool = root / "data" / "gsm_noisy" / "pool.jsonl"
     pool.parent.mkdir(parents=True)
     pool.write_text("\n".join(POOL_LINES) + "\n", encoding="utf-8")
+    shutil.copytree(REPO / "data" / "no_images", root / "data" / "no_images")  # dvc.yaml's ingest dep data.images
     return root
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.curate.images import image_paths
+from tasks.curate.images import image_file, image_paths, thumbnails_html
 from tasks.curate.ingest import Params, ingest
+from tasks.curate.vlm import load_images
 
 
 def write_png(path: Path, colour: str = "white", size: tuple[int, int] = (40, 30)) -> Path:
@@ -133,3 +134,44 @@ def test_without_image_root_image_fields_are_ignored_as_before(tmp_path):
     stats = ingest(pool, tmp_path / "out", Params())
     trace = pq.read_table(tmp_path / "out" / "traces.parquet").to_pylist()[0]
     assert stats["kept"] == 1 and json.loads(trace["prompt_messages"]) == [{"role": "user", "content": "How tall?"}]
+
+
+def write_clone(root: Path) -> Path:
+    """A checkout's data: a LLaVA pool with its image files, and a HF dataset embedding the same image's bytes."""
+    import datasets
+
+    write_png(root / "data" / "mm" / "a.png", "green")
+    write_jsonl(root / "data" / "mm" / "pool.jsonl",
+                [{"id": "a", "image": "a.png", "question": "How tall?", "response": RESPONSE}])
+    features = datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
+                                  "response": datasets.Value("string"), "images": [datasets.Image()]})
+    datasets.Dataset.from_dict({"id": ["hf-1"], "question": ["How tall?"], "response": [RESPONSE],
+                                "images": [[str(root / "data" / "mm" / "a.png")]]},
+                               features=features).save_to_disk(str(root / "data" / "hf"))
+    return root
+
+
+def test_two_clones_write_the_same_bytes_and_find_their_own_images(tmp_path, monkeypatch):
+    """Image paths are recorded relative to the checkout (images.recorded_path), so traces.parquet, its DVC hash
+    and the exports do not depend on where the repository lies, whether the paths are given relative or absolute."""
+    written: dict[str, list[bytes]] = {"pool.jsonl": [], "hf": []}
+    for clone, spell in ((tmp_path / "one", lambda p: p), (tmp_path / "elsewhere" / "two", lambda p: Path.cwd() / p)):
+        write_clone(clone)
+        monkeypatch.chdir(clone)
+        for source in written:
+            out = spell(Path("outputs") / source)
+            stats = ingest(spell(Path("data") / ("mm/pool.jsonl" if source == "pool.jsonl" else source)), out,
+                           Params(image_root=str(spell(Path("data/mm")))))
+            assert stats["kept"] == 1
+            written[source].append((out / "traces.parquet").read_bytes())
+            (prompt,) = pq.read_table(out / "traces.parquet", columns=["prompt_messages"]).column(0).to_pylist()
+            (path,) = image_paths(prompt)
+            assert path == ("data/mm/a.png" if source == "pool.jsonl" else f"outputs/hf/images/{path.split('/')[-1]}")
+            assert image_file(path).resolve().is_relative_to(clone.resolve())  # this clone's file, not the other's
+            assert load_images([path])[0].size == (40, 30) and "<img" in thumbnails_html(prompt)  # extract, report
+    assert all(one == two for one, two in written.values())
+
+
+def test_a_text_pool_still_gets_the_images_directory(tmp_path):
+    run(tmp_path, [{"id": "t", "question": "Q?", "response": RESPONSE}], image_root=None)
+    assert (tmp_path / "out" / "images").is_dir() and not any((tmp_path / "out" / "images").iterdir())
