@@ -35,8 +35,10 @@ log = module_logger(__name__)
 # Every project module this stage imports, transitively: the run cache key follows the code (tasks/core/closure.py),
 # so a change to, say, core.artifacts.pack_batches (which decides the training batches) retrains what it touches.
 CODE = import_closure(__file__)
-# Settings that decide which runs exist, or where results go, but not a run's numbers.
-NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device")
+# Settings that decide which runs exist, or where results go, but not a run's numbers. variants and scorers
+# decide which subsets exist; a run's own subset is in its key through its ids, so adding a variant to the table
+# trains that variant only instead of every run again.
+NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device", "variants", "scorers")
 EVAL_SETTINGS = ("max_seq_len", "batch_tokens", "accuracy_problems", "max_new_tokens", "eval_batch_size",
                  "trunk_cache")
 

@@ -94,6 +94,8 @@ def test_run_key_changes_with_what_the_numbers_depend_on():
     key = run_key(pool, problems, params, "model-1", "cpu", patterns)
     assert key == run_key([dict(r) for r in pool], problems, dataclasses.replace(params, methods=("grace",)),
                           "model-1", "cpu", patterns)  # which other runs exist does not matter
+    assert key == run_key(pool, problems, dataclasses.replace(params, variants=(), scorers={}),
+                          "model-1", "cpu", patterns)  # nor which variants the table has
     for changed in (run_key(pool[:1], problems, params, "model-1", "cpu", patterns),
                     run_key([pool[0], {"id": "b", "content_hash": "edited"}], problems, params, "model-1", "cpu",
                             patterns),
