@@ -10,7 +10,8 @@ are corrupted on purpose (labels.jsonl says which and where, the pool does not):
   wrong_step_result  one arithmetic step has a wrong result, the rest follow from it
   wrong_final_answer the steps are right, the final line is not
 --n-test more charts, never corrupted, are the fine-tune table's held-out problems (test.jsonl, ids
-test-NNNN, their own rng: the pool's bytes do not depend on them). Rows are LLaVA/ShareGPT records, {"id", "image": "images/<id>.png", "conversations": [human "<image>\\n
+test-NNNN, their own rng: the pool's bytes do not depend on them). Rows are LLaVA/ShareGPT records,
+{"id", "image": "images/<id>.png", "conversations": [human "<image>\\n
 question", gpt solution]}, read with ingest.preset sharegpt and ingest.image_root data/mm_charts.
 Deterministic for a seed (PNG bytes included), so the sample and its DVC hashes are reproducible.
 """

@@ -171,6 +171,6 @@ def pixel_inputs(processor, texts: list[tuple[str, tuple[str, ...]]]) -> dict[st
     if not with_images:
         return {}
     # per trace, in batch order: the order of the image tokens in the flattened input_ids
-    inputs = processor(text=[text for text, _ in with_images], images=[load_images(images) for _, images in with_images],
-                       add_special_tokens=False, padding=True, return_tensors="pt")
+    inputs = processor(text=[text for text, _ in with_images],
+                       images=[load_images(images) for _, images in with_images], add_special_tokens=False, padding=True, return_tensors="pt")
     return {name: value for name, value in inputs.items() if name not in TEXT_KEYS}

@@ -1,5 +1,6 @@
 """The fine-tune table on multimodal traces: a tiny random LLaVA (tests/tasks/tiny_vlm.py) trained, scored and
-evaluated on charts of data/mm_charts read by the real ingest and segment; runs end to end; a warmed VLM extract loads."""
+evaluated on charts of data/mm_charts read by the real ingest and segment; runs end to end; a warmed VLM that
+extract loads."""
 
 from __future__ import annotations
 
