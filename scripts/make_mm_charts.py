@@ -1,6 +1,6 @@
 """Make the small multimodal sample data/mm_charts: rendered bar charts, questions with computed answers.
 
-    python scripts/make_mm_charts.py --out data/mm_charts --n 120 --seed 0
+    python scripts/make_mm_charts.py --out data/mm_charts --n 120 --seed 0 --n-test 40
 
 Each chart is drawn with Pillow's ImageDraw (no plotting library): 3-5 labelled bars with their values
 written above them. The question asks for a total, a difference or the largest bar; the solution
@@ -9,7 +9,9 @@ are corrupted on purpose (labels.jsonl says which and where, the pool does not):
   misread_bar        one bar is read with a wrong value, the steps after it follow from that value
   wrong_step_result  one arithmetic step has a wrong result, the rest follow from it
   wrong_final_answer the steps are right, the final line is not
-Rows are LLaVA/ShareGPT records, {"id", "image": "images/<id>.png", "conversations": [human "<image>\\n
+--n-test more charts, never corrupted, are the fine-tune table's held-out problems (test.jsonl, ids
+test-NNNN, their own rng: the pool's bytes do not depend on them). Rows are LLaVA/ShareGPT records,
+{"id", "image": "images/<id>.png", "conversations": [human "<image>\\n
 question", gpt solution]}, read with ingest.preset sharegpt and ingest.image_root data/mm_charts.
 Deterministic for a seed (PNG bytes included), so the sample and its DVC hashes are reproducible.
 """
@@ -80,12 +82,13 @@ def solve(kind: str, values: list[int], read: list[int], wrong_step: int | None,
     return question, steps, answer
 
 
-def make_row(index: int, rng: random.Random, out: Path) -> tuple[dict, dict]:
+def make_row(index: int, rng: random.Random, out: Path, prefix: str = "chart", clean: bool = False
+             ) -> tuple[dict, dict]:
     values = [rng.randint(2, 18) for _ in range(rng.randint(3, 5))]
     while len(set(values)) < len(values):  # distinct bars: the tallest and shortest are unambiguous
         values = [rng.randint(2, 18) for _ in range(len(values))]
     kind = rng.choice(["total", "difference", "double_max"])
-    corruption = rng.choice(CORRUPTIONS) if rng.random() < 0.4 else None
+    corruption = None if clean else rng.choice(CORRUPTIONS) if rng.random() < 0.4 else None
     read, wrong_step, bad_step = list(values), None, None
     if corruption == "misread_bar":
         bar = rng.randrange(len(values))
@@ -99,7 +102,7 @@ def make_row(index: int, rng: random.Random, out: Path) -> tuple[dict, dict]:
     final = answer
     if corruption == "wrong_final_answer":
         final, bad_step = answer + rng.choice([-5, -1, 1, 5]), len(steps)
-    row_id = f"chart-{index:04d}"
+    row_id = f"{prefix}-{index:04d}"
     draw_chart(values, out / "images" / f"{row_id}.png")
     solution = "\n".join(steps + [f"#### {final}"])
     row = {"id": row_id, "image": f"images/{row_id}.png", "conversations": [
@@ -109,12 +112,16 @@ def make_row(index: int, rng: random.Random, out: Path) -> tuple[dict, dict]:
     return row, label
 
 
-def make_sample(out: Path, n: int, seed: int = 0) -> None:
-    """Write out/pool.jsonl, out/labels.jsonl and out/images/*.png."""
+def make_sample(out: Path, n: int, seed: int = 0, n_test: int = 0) -> None:
+    """Write out/pool.jsonl, out/labels.jsonl and out/images/*.png; with n_test, also out/test.jsonl."""
     rng = random.Random(seed)
     rows, labels = zip(*(make_row(index, rng, out) for index in range(n)))
     (out / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels), encoding="utf-8")
+    if n_test:
+        test_rng = random.Random(f"test-{seed}")
+        tests = [make_row(index, test_rng, out, prefix="test", clean=True)[0] for index in range(n_test)]
+        (out / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tests), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/mm_charts"))
     parser.add_argument("--n", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-test", type=int, default=40, help="clean held-out charts for the fine-tune table")
     args = parser.parse_args(argv)
-    make_sample(args.out, args.n, args.seed)
+    make_sample(args.out, args.n, args.seed, args.n_test)
 
 
 if __name__ == "__main__":

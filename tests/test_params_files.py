@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CHANGED = {("data", "pool"), ("data", "images"), ("ingest", "preset"), ("ingest", "image_root"), ("model", "source")}
+CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("ingest", "preset"), ("ingest", "image_root"),
+           ("model", "source")}
 
 
 def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():

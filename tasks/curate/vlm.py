@@ -56,10 +56,10 @@ class ImageTrace(EncodedTrace):
     images: tuple[str, ...] = ()  # image files, in placeholder order
 
 
-def template_messages(prompt_messages: str, response: str) -> list[dict]:
+def template_messages(prompt_messages: str | list[dict], response: str) -> list[dict]:
     """The chat as a processor's template reads it: image parts are {"type": "image"}, the response a string."""
     messages = []
-    for message in json.loads(prompt_messages):
+    for message in json.loads(prompt_messages) if isinstance(prompt_messages, str) else prompt_messages:
         content = message["content"]
         if isinstance(content, list):
             content = [{"type": "image"} if part["type"] == "image" else {"type": "text", "text": part["text"]}
@@ -159,11 +159,17 @@ class VLMProxyModel(ProxyModel):
 
     def model_inputs(self, traces: list[EncodedTrace]) -> dict[str, torch.Tensor]:
         """Pixel inputs of one batch, made now (images in memory: this batch's only)."""
-        with_images = [trace for trace in traces if getattr(trace, "images", ())]
-        if not with_images:
-            return {}
-        # per trace, in batch order: the order of the image tokens in the flattened input_ids
-        inputs = self.processor(text=[trace.text for trace in with_images],
-                                images=[load_images(trace.images) for trace in with_images],
-                                add_special_tokens=False, padding=True, return_tensors="pt")
-        return {name: value for name, value in inputs.items() if name not in TEXT_KEYS}
+        return pixel_inputs(self.processor, [(trace.text, getattr(trace, "images", ())) for trace in traces])
+
+
+def pixel_inputs(processor, texts: list[tuple[str, tuple[str, ...]]]) -> dict[str, torch.Tensor]:
+    """The processor's pixel inputs (pixel_values, image_grid_thw, ...) of a batch of (text, image files); {} if none.
+
+    Also the fine-tune's (tasks/finetune/train.py): the images of one batch are loaded now, never held longer."""
+    with_images = [(text, images) for text, images in texts if images]
+    if not with_images:
+        return {}
+    # per trace, in batch order: the order of the image tokens in the flattened input_ids
+    inputs = processor(text=[text for text, _ in with_images],
+                       images=[load_images(images) for _, images in with_images], add_special_tokens=False, padding=True, return_tensors="pt")
+    return {name: value for name, value in inputs.items() if name not in TEXT_KEYS}

@@ -10,6 +10,10 @@ accuracy     greedy generation (batched, left-padded) from the chat-templated qu
 gold_loss    mean token NLL of the gold solutions (response + end of turn) given the prompt, pooled
              over all tokens of the evaluated problems: lower = the model finds correct reasoning likelier.
              It moves smoothly where a small model's accuracy sits near zero.
+
+A vision-language model (its processor in place of the tokenizer) generates and is scored with each
+problem's images: the prompts go through the processor (placeholders expanded, pixel inputs made per
+batch) and model.generate receives the pixels with the ids.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from math_verify import parse, verify
 
 from tasks.core.artifacts import pack_batches
 from tasks.curate.answers import extract_final_answer, normalise_answer
-from tasks.finetune.train import Example, autocast, collate, decoder_layers, encode, padding_id, render, response_nll
+from tasks.curate.images import image_paths, text_of
+from tasks.curate.vlm import load_images
+from tasks.finetune.train import (Example, autocast, collate, decoder_layers, encode, padding_id, processor_of, render,
+                                  response_nll, text_tokenizer)
 
 _CURRENCY = re.compile(r"^[\$€£¥₹]|[\$€£¥₹%]$")
 _OPTION_LINE = re.compile(r"^\(?([A-J])[).]\s*(.+?)\s*$", re.MULTILINE)
@@ -94,39 +101,49 @@ def score_generations(generations: Sequence[str], golds: Sequence[str], patterns
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of `prompts`, batched by prompt length with left padding; in input order."""
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+             images: Sequence[Sequence[str]] | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, batched by prompt length with left padding; in input order.
+
+    `images`: per prompt its image files, where `tokenizer` is a VLM's processor."""
     device = str(next(model.parameters()).device)
-    tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
-    lengths = [len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
+    text_tokenizer(tokenizer).padding_side = "left"  # generation appends on the right, so pads go left
+    # by text length (image tokens not counted: each chart adds the same number, the order barely moves)
+    lengths = [len(text_tokenizer(tokenizer)(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        encoded = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+        if images is not None and any(images[i] for i in chunk):  # image placeholders expanded, pixels made
+            encoded = tokenizer(text=[prompts[i] for i in chunk], images=[load_images(images[i]) for i in chunk],
+                                return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        else:
+            encoded = text_tokenizer(tokenizer)([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                                                add_special_tokens=False).to(device)
         with autocast(device):
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=padding_id(tokenizer))  # (B, T_prompt + T_new)
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]  # (B, T_new)
-        for index, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for index, text in zip(chunk, text_tokenizer(tokenizer).batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[index] = text
     return [outputs[i] for i in range(len(prompts))]
 
 
 @torch.inference_mode()
 def gold_nll(model, examples: list[Example], pad_id: int, batch_tokens: int,
-             trunk: tuple[int, list[torch.Tensor]] | None = None) -> tuple[list[float], list[int]]:
+             trunk: tuple[int, list[torch.Tensor]] | None = None, processor=None) -> tuple[list[float], list[int]]:
     """Per example: summed NLL of its completion tokens, and their count (teacher forcing).
 
-    `trunk` = (first top layer, the examples' trunk states): run only the top layers (tasks/finetune/trunk.py)."""
+    `trunk` = (first top layer, the examples' trunk states): run only the top layers (tasks/finetune/trunk.py);
+    `processor`: a VLM's, the examples' pixel inputs go with them (train.collate)."""
     device = str(next(model.parameters()).device)
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     with contextlib.nullcontext() if trunk is None else decoder_layers(model, trunk[0]):
         for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
             states = None if trunk is None else [trunk[1][i] for i in indices]
             with autocast(device):
-                nll, n = response_nll(model, collate([examples[i] for i in indices], pad_id, device, states))
+                nll, n = response_nll(model, collate([examples[i] for i in indices], pad_id, device, states,
+                                                     processor))
             for row, index in enumerate(indices):
                 sums[index], counts[index] = float(nll[row]), int(n[row])
     return sums, counts
@@ -148,13 +165,14 @@ def evaluate(model, tokenizer, problems: list[dict], params, patterns: Sequence[
     """
     asked = evenly_spaced(problems, params.accuracy_problems)
     prompts = [render(tokenizer, problem["prompt_messages"], problem["response"])[0] for problem in asked]
-    generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size)
-    questions = [next((m["content"] for m in reversed(problem["prompt_messages"]) if m["role"] == "user"), "")
+    images = [image_paths(problem["prompt_messages"]) for problem in asked] if processor_of(tokenizer) else None
+    generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size, images)
+    questions = [text_of(next((m["content"] for m in reversed(problem["prompt_messages"]) if m["role"] == "user"), ""))
                  for problem in asked]
     scored = score_generations(generations, [problem["final_answer"] for problem in asked], patterns, questions)
     examples = [encode(tokenizer, problem["prompt_messages"], problem["response"], params.max_seq_len)
                 for problem in problems]
-    sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk)
+    sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk, processor_of(tokenizer))
     n = len(asked)
     return {
         "n_problems": len(problems),

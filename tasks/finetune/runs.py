@@ -83,7 +83,7 @@ def fine_tune_and_evaluate(pool_rows: list[dict] | None, problems: list[dict], m
         started = time.perf_counter()
         with show_progress("fine-tune", None, "step", log, leave=False) as progress:
             model, train_log = train.train(model, examples, params, train.padding_id(tokenizer), progress,
-                                              states)
+                                              states, train.processor_of(tokenizer))
         result.update(n_train=len(examples), n_train_tokens=sum(len(e.input_ids) for e in examples),
                       n_truncated=sum(e.truncated for e in examples),
                       train={**train_log, "seconds": round(time.perf_counter() - started, 1)})
@@ -97,15 +97,13 @@ def fine_tune_and_evaluate(pool_rows: list[dict] | None, problems: list[dict], m
 def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Path, params: Params,
             ingest: ingest_stage.Params) -> dict:
     """Fine-tune and evaluate every run of subsets/index.json (cached); runs/<name>.json and index.json."""
-    from transformers import AutoTokenizer
-
     started = time.perf_counter()
     runs = json.loads((Path(subsets) / "index.json").read_text(encoding="utf-8"))["runs"]
     columns = ["id", "content_hash", "prompt_messages", "response"]
     pool = {row["id"]: row for row in pq.read_table(segments, columns=columns).to_pylist()}
     problems = evaluation_problems(test)
     device, identity = train.resolve_device(params.device), model_identity(Path(model))
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = train.load_tokenizer(Path(model))  # a VLM's processor
     cache_dir = Path(params.cache_dir) if params.cache_dir else None
     plans = []  # (run, its training rows (None: base), its key, its cached result file)
     for run in runs:
@@ -115,8 +113,10 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
         key = run_key(rows, problems, params, identity, device, ingest.answer_patterns)
         plans.append((run, rows, key, cache_dir / f"{key}.json" if cache_dir else None))
     pending = [plan for plan in plans if plan[3] is None or not plan[3].is_file()]
-    cache, trunk_started = None, time.perf_counter()
-    if pending and params.trunk_cache:  # one trunk pass over every example a pending run trains on
+    cache, trunk_started, refused = None, time.perf_counter(), trunk.refusal(Path(model))
+    if pending and params.trunk_cache and refused:
+        log.info("finetune_eval.trunk_cache: off, %s", refused)
+    if pending and params.trunk_cache and not refused:  # one trunk pass over every example a pending run trains on
         needed = {row["id"]: encode_row(tokenizer, row, params) for plan in pending for row in plan[1] or []}
         tests = [train.encode(tokenizer, p["prompt_messages"], p["response"], params.max_seq_len) for p in problems]
         cache = trunk.prepare(train.load_model(Path(model), device), needed, tests, params,

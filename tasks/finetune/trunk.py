@@ -12,6 +12,14 @@ forward is not exactly "embeddings -> layers -> norm" (Gemma rescales inputs_emb
 differ: `split_matches` compares the split forward with the full one on real examples, and the
 caller uses the cache only if they agree. Memory: tokens x hidden size x 4 bytes (the sample's pool:
 ~390k tokens x 576 -> 0.9 GB); set finetune_eval.trunk_cache: false where that does not fit.
+
+A vision-language model gets no cache (`refusal` says why; runs logs it in one line and runs the full
+forward, vision tower included, at every step). The cut would sit inside its language model, but the
+input of the top layers is not all a split forward needs there: Qwen2-VL-style models take 3-D
+(M-RoPE) positions that their multimodal forward derives from the image grid and the ids, which the
+language model alone on cached states never sees, and image tokens make the states several times the
+text's size (a 224x224 chart is ~150-250 tokens of hidden size 1,536-2,048 in Qwen2/3-VL). Exact
+only for some architectures, large for all: not worth its code.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pathlib import Path
+
 from tasks.core.artifacts import pack_batches
+from tasks.curate.vlm import is_vlm_dir
 from tasks.finetune.train import Example, collate, decoder_layers, trunk_end
 
 
@@ -51,6 +62,14 @@ def split_matches(model, examples, states: list[torch.Tensor], end: int, pad_id:
                                     use_cache=False).last_hidden_state  # (B, T, d)
     real = batch["attention_mask"].bool()  # (B, T): padded positions are never scored
     return bool(torch.allclose(full[real].float(), split[real].float(), atol=atol, rtol=atol))
+
+
+def refusal(model_dir: Path) -> str | None:
+    """Why a model directory gets no trunk cache whatever the settings (a vision-language model), else None."""
+    if is_vlm_dir(model_dir):
+        return (f"{model_dir} is a vision-language model: its split forward is not exact in general (M-RoPE "
+                "positions come from the image grid) and image tokens make the states large; full forward per step")
+    return None
 
 
 @dataclass(frozen=True)

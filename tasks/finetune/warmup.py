@@ -80,8 +80,6 @@ def warmup_ids(ids: list[str], fraction: float, seed: int) -> list[str]:
 
 def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """LoRA-tune the scoring model on a random slice of the pool; write the merged model for extract."""
-    from transformers import AutoTokenizer
-
     from tasks.finetune import train
     from tasks.curate.model import TOKENIZER_FILES, model_identity
 
@@ -93,18 +91,18 @@ def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     if not rows:
         raise ValueError(f"warmup: {segments} holds no traces to warm the scorer on")
     chosen = set(warmup_ids([row["id"] for row in rows], params.fraction, params.seed))
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = train.load_tokenizer(Path(model))  # a VLM's processor: its images go with each example
     examples = [train.encode(tokenizer, json.loads(row["prompt_messages"]), row["response"], params.max_seq_len)
                 for row in sorted(rows, key=lambda row: row["id"]) if row["id"] in chosen]
     device = train.resolve_device(params.device)
     tuned, log = train.train(train.load_model(Path(model), device), examples, params,
-                                train.padding_id(tokenizer))
+                                train.padding_id(tokenizer), processor=train.processor_of(tokenizer))
 
     out_dir = Path(out_dir)
     staging = out_dir / ".model.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     tuned.to("cpu").save_pretrained(staging, safe_serialization=True)
-    for name in TOKENIZER_FILES:  # the base model's tokenizer and template, byte for byte
+    for name in TOKENIZER_FILES:  # the base model's tokenizer and template (a VLM's processor too), byte for byte
         if (Path(model) / name).exists():
             shutil.copy2(Path(model) / name, staging / name)
     base_info = json.loads((Path(model) / "model_info.json").read_text(encoding="utf-8"))
