@@ -111,6 +111,8 @@ class DataParams:
     # the directory of the pool's image files, a dep of ingest (an edited image re-runs it): a multimodal pool's
     # ingest.image_root; a text pool has none, and dvc.yaml needs an existing path, so an empty stand-in
     images: str = "data/no_images"
+    # the fine-tune table's held-out problems (finetune/dvc.yaml test_set), read with the pool's ingest settings
+    test: str = "data/gsm_noisy/test.jsonl"
 
 
 class Rejected(Exception):

@@ -68,6 +68,8 @@ def test_every_section_is_declared_by_its_stage_module():
         assert params_cls.section in known_sections(), name
         assert params_cls.__pydantic_config__["strict"] and params_cls.__pydantic_config__["extra"] == "forbid", name
         assert load_params(params_cls, params_cls.section, REPO / "params.yaml") == params_cls(), name
+    # the data section is declared beside ingest's (DataParams), not by a stage of its own
+    assert load_params(ingest.DataParams, "data", REPO / "params.yaml") == ingest.DataParams()
 
 
 def test_a_misspelt_section_is_refused(tmp_path):
