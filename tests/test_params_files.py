@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("ingest", "preset"), ("ingest", "image_root"),
+CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("data", "labels"), ("ingest", "preset"), ("ingest", "image_root"),
            ("model", "source")}
 
 
@@ -25,3 +25,26 @@ def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():
     pool = REPO / charts["data"]["pool"]
     first = json.loads(pool.read_text(encoding="utf-8").splitlines()[0])
     assert (REPO / charts["ingest"]["image_root"] / first["image"]).is_file()
+
+
+ARITH_CHANGED = {("data", "pool"), ("data", "test"), ("data", "labels"), ("extract", "head_variant")} | {
+    ("finetune_eval", key) for key in ("methods", "lora_r", "lora_alpha", "lora_layers", "batch_tokens", "steps",
+                                       "accuracy_problems", "max_new_tokens", "eval_batch_size", "trunk_cache",
+                                       "repeats", "variants", "scorers")}
+
+
+def test_the_testbed_params_file_differs_from_params_yaml_only_in_its_keys():
+    base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    testbed = yaml.safe_load((REPO / "params.arith_chains.yaml").read_text(encoding="utf-8"))
+    assert base.keys() == testbed.keys()
+    differing = set()
+    for section, values in base.items():
+        assert values.keys() == testbed[section].keys(), section
+        differing |= {(section, key) for key, value in values.items() if testbed[section][key] != value}
+    assert differing == ARITH_CHANGED
+    for key in ("pool", "test", "labels"):
+        assert (REPO / testbed["data"][key]).is_file()
+    # the profile that learns content: adapters on every layer, a fixed number of steps, every test problem
+    finetune = testbed["finetune_eval"]
+    assert finetune["lora_layers"] is None and finetune["steps"] >= 1 and finetune["accuracy_problems"] is None
+    assert finetune["calibration"] and finetune["repeats"] == 3 and len(finetune["random_seeds"]) == 3

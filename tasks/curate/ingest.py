@@ -113,6 +113,9 @@ class DataParams:
     images: str = "data/no_images"
     # the fine-tune table's held-out problems (finetune/dvc.yaml test_set), read with the pool's ingest settings
     test: str = "data/gsm_noisy/test.jsonl"
+    # the pool's labels ({"id", "corrupted", ...} per line): the fine-tune table's calibration rows and the diagnostics
+    # read them, curation never does; data/no_labels.jsonl (empty) for an unlabelled corpus
+    labels: str = "data/gsm_noisy/labels.jsonl"
 
 
 class Rejected(Exception):

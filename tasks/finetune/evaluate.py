@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from typing import Sequence
 
 import torch
@@ -36,6 +37,11 @@ from tasks.finetune.train import (Example, autocast, collate, decoder_layers, en
                                   response_nll, text_tokenizer)
 
 _CURRENCY = re.compile(r"^[\$€£¥₹]|[\$€£¥₹%]$")
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+_OPERATOR = re.compile(r"(?<=[\d\s])([-+*/x×])(?=[\s\d-])")
+# "a op b ... = r": numbers joined by operators on the left, one number on the right
+_EQUATION = re.compile(r"^(?P<left>-?\d[\d,.]*(?:\s*[-+*/x×]\s*-?\d[\d,.]*)+)\s*=\s*(?P<right>-?\d[\d,]*(?:\.\d+)?)\.?$")
+_ANSWER_LINE = re.compile(r"^(?:the )?(?:final )?answer\b|^####", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^\(?([A-J])[).]\s*(.+?)\s*$", re.MULTILINE)
 # math-verify warns on every call made without its timeouts; they are off outside the main thread only
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -87,6 +93,42 @@ def answers_match(predicted: str, gold: str, options: dict[str, str] | None = No
     return equivalent_math(predicted_text, gold_text)
 
 
+def _number(text: str) -> Fraction:
+    return Fraction(text.replace(",", ""))
+
+
+def arithmetic_steps(generation: str, question: str) -> tuple[int, int]:
+    """(steps, steps that are arithmetically right and chained) of a generation written one equation per line.
+
+    A step is a non-empty line before the answer line ("The answer is ..."). It is good when it is an equation
+    "a op b [op c ...] = r" whose left side evaluates to r exactly (+ - * / x, left to right, as the traces write
+    running totals) and whose first number is the result the previous equation wrote (the first equation's: a
+    number of the question). A line of prose, a wrong result, or a step that starts from a number never written
+    (a skipped step) is not good: the process metric of issue 21, read from the text alone. It does not check
+    that a step copies the question's operation (exact match does); traces not written as equations score 0."""
+    lines = [line.strip() for line in generation.split("\n") if line.strip()]
+    steps = [line for line in lines if not _ANSWER_LINE.match(line)]
+    question_numbers = {_number(n) for n in _NUMBER.findall(question)}
+    previous, good = None, 0
+    for line in steps:
+        match = _EQUATION.match(line)
+        if match is None:  # prose: not a good step, and the chain goes on from the last equation
+            continue
+        numbers = [_number(n) for n in _NUMBER.findall(match["left"])]
+        operators = _OPERATOR.findall(match["left"])
+        value = numbers[0]
+        try:
+            for operator, operand in zip(operators, numbers[1:]):
+                value = {"+": value + operand, "-": value - operand, "*": value * operand, "x": value * operand,
+                         "×": value * operand, "/": value / operand if operand else None}[operator]
+        except TypeError:  # a division by zero left None
+            value = None
+        chained = numbers[0] in question_numbers if previous is None else numbers[0] == previous
+        good += value is not None and value == _number(match["right"]) and chained
+        previous = _number(match["right"])  # the result as written: the next step must start from it
+    return len(steps), good
+
+
 def score_generations(generations: Sequence[str], golds: Sequence[str], patterns: Sequence[str],
                       questions: Sequence[str] | None = None) -> list[dict]:
     """Per generation: the extracted answer (None without a marker), its marker kind, and correctness."""
@@ -102,7 +144,7 @@ def score_generations(generations: Sequence[str], golds: Sequence[str], patterns
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-             images: Sequence[Sequence[str]] | None = None) -> list[str]:
+             images: Sequence[Sequence[str]] | None = None, precision: str | None = None) -> list[str]:
     """Greedy continuations of `prompts`, batched by prompt length with left padding; in input order.
 
     `images`: per prompt its image files, where `tokenizer` is a VLM's processor."""
@@ -120,7 +162,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
         else:
             encoded = text_tokenizer(tokenizer)([prompts[i] for i in chunk], return_tensors="pt", padding=True,
                                                 add_special_tokens=False).to(device)
-        with autocast(device):
+        with autocast(device, precision):
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=padding_id(tokenizer))  # (B, T_prompt + T_new)
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]  # (B, T_new)
@@ -131,7 +173,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
 
 @torch.inference_mode()
 def gold_nll(model, examples: list[Example], pad_id: int, batch_tokens: int,
-             trunk: tuple[int, list[torch.Tensor]] | None = None, processor=None) -> tuple[list[float], list[int]]:
+             trunk: tuple[int, list[torch.Tensor]] | None = None, processor=None,
+             precision: str | None = None) -> tuple[list[float], list[int]]:
     """Per example: summed NLL of its completion tokens, and their count (teacher forcing).
 
     `trunk` = (first top layer, the examples' trunk states): run only the top layers (tasks/finetune/trunk.py);
@@ -141,7 +184,7 @@ def gold_nll(model, examples: list[Example], pad_id: int, batch_tokens: int,
     with contextlib.nullcontext() if trunk is None else decoder_layers(model, trunk[0]):
         for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
             states = None if trunk is None else [trunk[1][i] for i in indices]
-            with autocast(device):
+            with autocast(device, precision):
                 nll, n = response_nll(model, collate([examples[i] for i in indices], pad_id, device, states,
                                                      processor))
             for row, index in enumerate(indices):
@@ -166,13 +209,20 @@ def evaluate(model, tokenizer, problems: list[dict], params, patterns: Sequence[
     asked = evenly_spaced(problems, params.accuracy_problems)
     prompts = [render(tokenizer, problem["prompt_messages"], problem["response"])[0] for problem in asked]
     images = [image_paths(problem["prompt_messages"]) for problem in asked] if processor_of(tokenizer) else None
-    generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size, images)
+    # on a CPU the evaluation runs in fp32 whatever training used: generation under bf16 autocast re-casts every
+    # weight at every decoding step, slower there than fp32 (measured: the 100-problem generation did not finish
+    # in 8 min against 59 s in fp32)
+    on_cuda = str(next(model.parameters()).device).startswith("cuda")
+    precision = getattr(params, "precision", None) if on_cuda else "fp32"
+    generations = generate(model, tokenizer, prompts, params.max_new_tokens, params.eval_batch_size, images, precision)
     questions = [text_of(next((m["content"] for m in reversed(problem["prompt_messages"]) if m["role"] == "user"), ""))
                  for problem in asked]
     scored = score_generations(generations, [problem["final_answer"] for problem in asked], patterns, questions)
     examples = [encode(tokenizer, problem["prompt_messages"], problem["response"], params.max_seq_len)
                 for problem in problems]
-    sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk, processor_of(tokenizer))
+    sums, counts = gold_nll(model, examples, padding_id(tokenizer), params.batch_tokens, trunk, processor_of(tokenizer),
+                            precision)
+    steps = [arithmetic_steps(generation, question) for generation, question in zip(generations, questions)]
     n = len(asked)
     return {
         "n_problems": len(problems),
@@ -181,6 +231,9 @@ def evaluate(model, tokenizer, problems: list[dict], params, patterns: Sequence[
         "answer_rate": sum(item["predicted"] is not None for item in scored) / n if n else None,
         "gold_loss": sum(sums) / sum(counts) if sum(counts) else None,
         "gold_truncated": sum(example.truncated for example in examples),
-        "predictions": [{"id": problem["id"], "gold": problem["final_answer"], **item, "generation": generation}
-                        for problem, item, generation in zip(asked, scored, generations)],
+        # pooled over every generated step: one long wrong generation weighs more than a short one
+        "step_accuracy": sum(good for _, good in steps) / sum(n for n, _ in steps) if sum(n for n, _ in steps) else None,
+        "predictions": [{"id": problem["id"], "gold": problem["final_answer"], **item, "n_steps": n_steps,
+                         "n_good_steps": good, "generation": generation}
+                        for problem, item, generation, (n_steps, good) in zip(asked, scored, generations, steps)],
     }

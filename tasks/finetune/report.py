@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tasks.core.stage import Stage, atomic_write_text, write_json
 from tasks.curate.select import fraction_subset_name
+from tasks.finetune import calibration
 from tasks.finetune.subsets import Params
 
 
@@ -45,6 +46,9 @@ def summarize(records: list[dict]) -> list[dict]:
                      "accuracy": accuracy, "accuracy_std": accuracy_std,
                      "gold_loss": gold_loss, "gold_loss_std": gold_loss_std,
                      "answer_rate": _mean_std([run["eval"]["answer_rate"] for run in runs])[0],
+                     "step_accuracy": _mean_std([run["eval"].get("step_accuracy") for run in runs])[0],
+                     "clean_share": _mean_std([run.get("clean_share") for run in runs])[0],
+                     "n_train_tokens": round(statistics.fmean(run["n_train_tokens"] for run in runs)),
                      "clusters": _mean_std([run.get("n_clusters_covered") for run in runs])[0],
                      "warmup_overlap": _mean_std([run.get("warmup_overlap") for run in runs])[0],
                      "n_scored": runs[0].get("n_scored")})
@@ -65,16 +69,23 @@ def _cell(value: float | None, std: float | None = None, scale: float = 1, digit
     return text if std is None else f"{text} ± {std * scale:.{digits}f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | budget | n train | accuracy (%) | gold loss | answer rate (%) | acc % of full "
-             "| loss gain % of full | clusters covered |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def markdown_table(rows: list[dict], gaps: dict | None = None) -> str:
+    """The table; `gaps` ((row, fraction) -> calibration.gap_recovered's entry) adds the gap recovered column."""
+    gaps = gaps or {}
+    lines = ["| method | budget | n train | train tokens | clean % | accuracy (%) | gap recovered [95% CI] "
+             "| step acc (%) | gold loss | answer rate (%) | acc % of full | loss gain % of full | clusters covered |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes = []
     pool = max((row["n_train"] for row in rows), default=0)  # full data's row trains on the whole pool
     for row in rows:
         method = row["method"] if len(row["seeds"]) < 2 else f"{row['method']} ({len(row['seeds'])} seeds)"
-        lines.append(f"| {method} | {row['fraction'] * 100:g}% | {row['n_train']} "
-                     f"| {_cell(row['accuracy'], row['accuracy_std'], 100)} "
+        gap = gaps.get((row["method"], row["fraction"]))
+        gap_cell = "" if gap is None or gap["gap"] is None else f"{gap['gap']:+.2f}" + (
+            "" if gap["low"] is None else f" [{gap['low']:+.2f}, {gap['high']:+.2f}]")
+        lines.append(f"| {method} | {row['fraction'] * 100:g}% | {row['n_train']} | {row['n_train_tokens']} "
+                     f"| {_cell(row['clean_share'], scale=100, digits=0)} "
+                     f"| {_cell(row['accuracy'], row['accuracy_std'], 100)} | {gap_cell} "
+                     f"| {_cell(row['step_accuracy'], scale=100)} "
                      f"| {_cell(row['gold_loss'], row['gold_loss_std'], digits=4)} "
                      f"| {_cell(row['answer_rate'], scale=100)} | {_cell(row['pct_of_full'])} "
                      f"| {_cell(row['loss_gain_pct'])} | {_cell(row['clusters'], digits=0)} |")
@@ -92,7 +103,8 @@ def metrics(rows: list[dict]) -> dict:
     nested: dict = {}
     for row in rows:
         numbers = {key: row[key] for key in ("n_train", "accuracy", "gold_loss", "answer_rate", "pct_of_full",
-                                              "loss_gain_pct", "accuracy_std", "gold_loss_std", "clusters")
+                                              "loss_gain_pct", "accuracy_std", "gold_loss_std", "clusters",
+                                              "step_accuracy", "clean_share")
                    if row[key] is not None}
         if row["method"] in ("base", "full"):
             nested[row["method"]] = numbers
@@ -126,8 +138,12 @@ def plot_csv(rows: list[dict], methods: tuple[str, ...], metric: str = "accuracy
 def settings_line(params: Params, index: dict, evaluation: dict | None) -> str:
     """What the table was made with, in one sentence (and where the time went: index.json)."""
     adapters = f" (r={params.lora_r}, last {params.lora_layers or 'all'} layers)" if params.mode == "lora" else ""
-    parts = [f"mode {params.mode}{adapters}", f"lr {params.learning_rate:g}", f"{params.epochs} epoch(s)",
-             f"batch_tokens {params.batch_tokens}", f"max_seq_len {params.max_seq_len}", f"device {index['device']}"]
+    length = f"{params.steps} steps per run" if params.steps else f"{params.epochs} epoch(s)"
+    parts = [f"mode {params.mode}{adapters}", f"lr {params.learning_rate:g}", length, f"budget by {params.budget}",
+             f"batch_tokens {params.batch_tokens}", f"max_seq_len {params.max_seq_len}", f"device {index['device']}",
+             f"precision {index.get('precision', 'fp32')}"]
+    if params.repeats > 1:
+        parts.append(f"{params.repeats} training seeds per deterministic row")
     if index.get("trunk_cache"):
         parts.append("frozen-trunk cache")
     if evaluation is not None:
@@ -141,6 +157,18 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
     index = json.loads((Path(runs) / "index.json").read_text(encoding="utf-8"))
     records = [json.loads((Path(runs) / f"{name}.json").read_text(encoding="utf-8")) for name in index["runs"]]
     rows = summarize(records)
+    table = calibration.correctness(records)
+    gates = calibration.gates(table) if any(row == "oracle" for row, _ in table) else []
+    gaps = calibration.gap_recovered(table) if gates else {}
+    if not gates:
+        verdict = ("No calibration rows (data.labels gives no labels): nothing says whether this table can tell "
+                   "a good selection from a bad one.")
+    elif all(gate["passed"] for gate in gates):
+        verdict = "Calibration gates: all PASS, so the table sees data quality:"
+    else:
+        verdict = ("Calibration gates: FAIL, so this table cannot tell a good selection from a bad one: no row may be "
+                   "called better or worse than random on it:")
+    verdict += "".join(f"\n- {line}" for line in calibration.gate_lines(gates))
     costs = ["| run | n train | train tokens | steps | train s | eval s |", "|---|---:|---:|---:|---:|---:|"]
     for record in records:
         train = record["train"] or {}
@@ -148,12 +176,14 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
                      f"| {train.get('seconds', 0)} | {record['eval']['seconds']} |")
     settings = settings_line(params, index, records[0]["eval"] if records else None)
     compute = sum((record["train"] or {}).get("seconds", 0) + record["eval"]["seconds"] for record in records)
-    text = (f"# Fine-tune and evaluate\n\n{settings}.\n\n{markdown_table(rows)}\n## Runs\n\n" + "\n".join(costs)
+    text = (f"# Fine-tune and evaluate\n\n{settings}.\n\n{verdict}\n\n{markdown_table(rows, gaps)}\n## Runs\n\n"
+            + "\n".join(costs)
             + f"\n\nTrain + eval time summed over the runs: {compute:.0f} s. This invocation: {index['trained']} "
             f"run(s) trained, {index['from_cache']} from cache, {index['seconds']:.0f} s in all "
             f"({index.get('trunk_seconds', 0):.0f} s of them computing the frozen trunk).\n")
     atomic_write_text(Path(out_dir) / "results.md", text)
-    write_json(Path(out_dir) / "metrics.json", metrics(rows))
+    write_json(Path(out_dir) / "metrics.json", {**metrics(rows), "gates": {
+        f"{gate['gate']}{'_' + gate['budget'] if gate['budget'] else ''}": gate["passed"] for gate in gates}})
     for name, metric in PLOTS.items():
         atomic_write_text(Path(out_dir) / "plots" / name, plot_csv(rows, params.methods, metric))  # dvc.yaml's columns
     return {"rows": len(rows), "runs": len(records)}

@@ -37,8 +37,10 @@ log = module_logger(__name__)
 CODE = import_closure(__file__)
 # Settings that decide which runs exist, or where results go, but not a run's numbers. variants and scorers
 # decide which subsets exist; a run's own subset is in its key through its ids, so adding a variant to the table
-# trains that variant only instead of every run again.
-NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device", "variants", "scorers")
+# trains that variant only instead of every run again. Likewise the budget kind and the calibration rows (ids), and
+# repeats (a run's own training seed is in its key as `seed`): the gate rows run first stay cached for the full table.
+NOT_IN_KEY = ("methods", "random_seeds", "fractions", "include_base", "cache_dir", "device", "variants", "scorers",
+              "budget", "repeats", "token_matched_random", "calibration", "dose_shares", "dose_fraction")
 EVAL_SETTINGS = ("max_seq_len", "batch_tokens", "accuracy_problems", "max_new_tokens", "eval_batch_size",
                  "trunk_cache")
 
@@ -61,7 +63,8 @@ def run_key(pool_rows: list[dict] | None, problems: list[dict], params: Params, 
         settings = {k: settings[k] for k in EVAL_SETTINGS}
     payload = {"pool": None if pool_rows is None else [(r["id"], r["content_hash"]) for r in pool_rows],
                "test": [(p["id"], p["content_hash"], p["final_answer"]) for p in problems], "settings": settings,
-               "model": identity, "precision": "bf16" if device.startswith("cuda") else "fp32",
+               "model": identity, "precision": train.resolve_precision(params.precision, device),
+               "device": "cuda" if device.startswith("cuda") else "cpu",  # other kernels, other numbers
                "patterns": list(patterns), "code": [hashlib.sha256(path.read_bytes()).hexdigest() for path in CODE]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -110,9 +113,14 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
         ids = None if run["ids"] is None else sorted(
             (Path(subsets) / run["ids"]).read_text(encoding="utf-8").splitlines())
         rows = None if ids is None else [pool[i] for i in ids]  # sorted: order-free key and batches
-        key = run_key(rows, problems, params, identity, device, ingest.answer_patterns)
-        plans.append((run, rows, key, cache_dir / f"{key}.json" if cache_dir else None))
+        # a run's own training seed (a seeded row's, or one of a deterministic row's repeats)
+        run_params = dataclasses.replace(params, seed=run.get("train_seed") if run.get("train_seed") is not None
+                                         else params.seed)
+        key = run_key(rows, problems, run_params, identity, device, ingest.answer_patterns)
+        plans.append((run, rows, key, cache_dir / f"{key}.json" if cache_dir else None, run_params))
     pending = [plan for plan in plans if plan[3] is None or not plan[3].is_file()]
+    log.info("finetune_eval: %d runs, %d to train, precision %s on %s", len(plans), len(pending),
+             train.resolve_precision(params.precision, device), device)
     cache, trunk_started, refused = None, time.perf_counter(), trunk.refusal(Path(model))
     if pending and params.trunk_cache and refused:
         log.info("finetune_eval.trunk_cache: off, %s", refused)
@@ -123,17 +131,18 @@ def run_all(subsets: Path, segments: Path, test: Path, model: Path, out_dir: Pat
                               train.padding_id(tokenizer))
     trunk_seconds = round(time.perf_counter() - trunk_started, 1)
     with show_progress("finetune_eval", len(plans), "run", log) as progress:
-        for run, rows, key, cached in plans:
+        for run, rows, key, cached, run_params in plans:
             if cached is not None and cached.is_file():
                 result = json.loads(cached.read_text(encoding="utf-8"))
             else:
-                result = fine_tune_and_evaluate(rows, problems, Path(model), tokenizer, params, device,
+                result = fine_tune_and_evaluate(rows, problems, Path(model), tokenizer, run_params, device,
                                                 ingest.answer_patterns, cache)
                 if cached is not None:
                     write_json(cached, result)  # before the next run starts: an interruption loses one run at most
             write_json(Path(out_dir) / f"{run['name']}.json", {**run, **result, "key": key})
             progress.update(1)
     stats = {"runs": [run["name"] for run, *_ in plans], "trained": len(pending),
+             "precision": train.resolve_precision(params.precision, device),
              "from_cache": len(plans) - len(pending), "device": device, "trunk_cache": cache is not None,
              "trunk_seconds": trunk_seconds, "seconds": round(time.perf_counter() - started, 1)}
     write_json(Path(out_dir) / "index.json", stats)

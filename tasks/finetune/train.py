@@ -3,8 +3,9 @@
 An example is the model's chat template around the prompt turns and the assistant's response; the
 loss is the mean token NLL of the response and its end-of-turn token only (the prompt is context,
 as in METHOD.md 4). Batches are length-bucketed (similar lengths together, so little padding) and
-visited in a seeded random order; AdamW with linear warm-up, then cosine or linear decay; bf16
-autocast on CUDA, fp32 on CPU (CPU bf16 matmuls measured slower here).
+visited in a seeded random order (finetune_eval.steps: a fixed number of steps, epochs cycling); AdamW with
+linear warm-up, then cosine or linear decay; bf16 autocast on CUDA and (precision: auto) on a CPU with AMX
+tiles, fp32 on other CPUs (bf16 matmuls measured slower there; resolve_precision).
 
 `lora_layers: N` puts LoRA adapters on the last N decoder layers only. Autograd then records
 nothing below them, so backward stops there; with the frozen-trunk cache (tasks/finetune/trunk.py) the
@@ -61,10 +62,24 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA (fp32 master weights); nothing on CPU."""
+def resolve_precision(name: str | None, device: str) -> str:
+    """fp32 or bf16 (autocast over fp32 master weights) for a device.
+
+    None (callers without the setting): bf16 on CUDA, fp32 on a CPU. auto: bf16 also on a CPU with AMX tiles,
+    where bf16 matmuls run in hardware: a LoRA forward + backward of SmolLM2-135M ran 10x faster than fp32 on
+    a 2-core Xeon with AMX (docs/calibration.md); a CPU without AMX (AVX-512 bf16 only, or none) stays fp32,
+    where bf16 measured slower (AMD EPYC)."""
+    if name in ("fp32", "bf16"):
+        return name
     if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    return "bf16" if name == "auto" and torch.cpu._is_amx_tile_supported() else "fp32"
+
+
+def autocast(device: str, precision: str | None = None):
+    """bf16 autocast where resolve_precision says so (fp32 master weights); nothing otherwise."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -286,6 +301,20 @@ def epoch_batches(examples: list[Example], params, epoch: int) -> list[list[int]
     return batches
 
 
+def training_schedule(examples: list[Example], params) -> list[list[list[int]]]:
+    """The batches of each epoch; with params.steps (finetune_eval.steps), epochs reshuffled until exactly that many
+    steps, so every subset of one budget gets the same number of updates whatever its token count."""
+    steps = getattr(params, "steps", None)
+    if steps is None:
+        return [epoch_batches(examples, params, epoch) for epoch in range(params.epochs)]
+    schedule, taken = [], 0
+    while taken < steps:
+        batches = epoch_batches(examples, params, len(schedule))[: steps - taken]
+        schedule.append(batches)
+        taken += len(batches)
+    return schedule
+
+
 def train(model, examples: list[Example], params, pad_id: int, progress=None,
           states: list[torch.Tensor] | None = None, processor=None) -> tuple[Any, dict]:
     """Fine-tune `model` on `examples`; (the model with adapters merged, a log of the run).
@@ -298,7 +327,7 @@ def train(model, examples: list[Example], params, pad_id: int, progress=None,
     top = contextlib.nullcontext() if states is None else decoder_layers(model, trunk_end(model, params))
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay)
-    schedule = [epoch_batches(examples, params, epoch) for epoch in range(params.epochs)]
+    schedule = training_schedule(examples, params)
     total = sum(len(batches) for batches in schedule)
     warmup = math.ceil(params.warmup_ratio * total)
     if progress is not None:
@@ -311,7 +340,7 @@ def train(model, examples: list[Example], params, pad_id: int, progress=None,
         for indices in itertools.chain.from_iterable(schedule):
             batch = collate([examples[i] for i in indices], pad_id, device,
                             None if states is None else [states[i] for i in indices], processor)
-            with autocast(device):
+            with autocast(device, getattr(params, "precision", None)):
                 nll, counts = response_nll(model, batch)
             loss = nll.sum() / counts.sum().clamp(min=1)  # token-weighted mean over the batch
             loss.backward()

@@ -56,8 +56,8 @@ def test_percent_of_full_is_undefined_where_full_scores_zero_or_base_is_missing(
 def test_markdown_metrics_and_plot():
     rows = summarize(RECORDS)
     table = markdown_table(rows)
-    assert "| random (2 seeds) | 5% | 5 | 25.0 ± 7.1 | 1.4000 ± 0.1414 | 90.0 | 50.0 | 60.0 |" in table
-    assert "| full | 100% | 100 | 50.0 | 1.0000 | 90.0 | 100.0 | 100.0 |" in table
+    assert "| random (2 seeds) | 5% | 5 | 50 | n/a | 25.0 ± 7.1 |  | n/a | 1.4000 ± 0.1414 | 90.0 | 50.0 | 60.0 |" in table
+    assert "| full | 100% | 100 | 1000 | n/a | 50.0 |  | n/a | 1.0000 | 90.0 | 100.0 | 100.0 |" in table
     nested = metrics(rows)
     assert nested["grace"]["top5pct"]["accuracy"] == 0.4 and nested["full"]["n_train"] == 100
     assert nested["random"]["top5pct"]["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
@@ -79,7 +79,7 @@ def test_report_writes_results_metrics_and_plot(tmp_path):
     params = Params(methods=("grace", "random"))
     assert report(runs, tmp_path / "out", params) == {"rows": 5, "runs": 6}
     text = (tmp_path / "out" / "results.md").read_text()
-    assert "| grace | 20% | 20 | 60.0 |" in text and "| grace-top20pct | 20 | 200 | 3 | 1.5 | 2.0 |" in text
+    assert "| grace | 20% | 20 | 200 | n/a | 60.0 |" in text and "| grace-top20pct | 20 | 200 | 3 | 1.5 | 2.0 |" in text
     assert "2 run(s) trained, 4 from cache, 12 s in all (3 s of them computing the frozen trunk)" in text
     assert "last 4 layers" in text and "frozen-trunk cache" in text
     assert "summed over the runs: 20 s" in text  # 5 x (1.5 + 2.0) + 2.0 for base = 19.5

@@ -53,12 +53,13 @@ def subsets(curation: dict, out_dir: Path, params: Params, scorers: Path | None 
 
 def test_every_method_goes_through_aggregate_and_select(curation, tmp_path):
     params = Params(methods=("grace", "random", "length"), random_seeds=(0, 1), fractions=(0.25, 0.5),
-                    variants=())
+                    variants=(), token_matched_random=False)
     assert subsets(curation, tmp_path, params) == {"runs": 10}
     runs = json.loads((tmp_path / "index.json").read_text())["runs"]
     assert [run["name"] for run in runs] == [
         "base", "grace-top25pct", "grace-top50pct", "random-seed0-top25pct", "random-seed0-top50pct",
         "random-seed1-top25pct", "random-seed1-top50pct", "length-top25pct", "length-top50pct", "full"]
+    assert {run["train_seed"] for run in runs if run["method"] == "random"} == {0, 1}  # each seed trains with its own
     ids = {run["name"]: (tmp_path / run["ids"]).read_text().split() for run in runs if run["ids"]}
     assert {name: len(value) for name, value in ids.items() if name.endswith("25pct")} == {
         "grace-top25pct": 2, "random-seed0-top25pct": 2, "random-seed1-top25pct": 2, "length-top25pct": 2}
@@ -221,3 +222,59 @@ def test_variants_score_their_own_way_and_record_coverage_and_warmup_overlap(cur
 def test_variant_params_name_the_setting(values, message):
     with pytest.raises(ParamsError, match=message):
         params_from_dict(Params, "finetune_eval", {"variants": [], "scorers": {}, **values})
+
+
+def test_token_matched_rows_and_budget_tokens(curation, tmp_path):
+    """random-tokens rows (budget samples) and every row under budget tokens hold the fraction's share of the pool's
+    response tokens, as a prefix of their ranking (select's token budget)."""
+    table = read_extract(curation["extract"])
+    tokens = {row["id"]: sum(row["span_token_counts"]) for row in table.to_pylist()}
+    pool_tokens = sum(tokens.values())
+    params = Params(methods=("random", "length"), random_seeds=(0,), fractions=(0.5,), variants=(), include_base=False)
+    subsets(curation, tmp_path / "samples", params)
+    runs = {run["name"]: run for run in json.loads((tmp_path / "samples" / "index.json").read_text())["runs"]}
+    assert set(runs) == {"random-seed0-top50pct", "length-top50pct", "full", "random-tokens-seed0-top50pct"}
+    matched = (tmp_path / "samples" / runs["random-tokens-seed0-top50pct"]["ids"]).read_text().split()
+    assert sum(tokens[i] for i in matched) <= round(0.5 * pool_tokens) < sum(tokens[i] for i in matched) + max(
+        tokens.values())
+    subsets(curation, tmp_path / "tokens", dataclasses.replace(params, budget="tokens"))
+    runs = {run["name"]: run for run in json.loads((tmp_path / "tokens" / "index.json").read_text())["runs"]}
+    assert "random-tokens-seed0-top50pct" not in runs  # every row is token-matched already
+    longest = (tmp_path / "tokens" / runs["length-top50pct"]["ids"]).read_text().split()
+    assert sum(tokens[i] for i in longest) <= round(0.5 * pool_tokens)
+    assert len(longest) < len(matched)  # the longest traces fill the budget with fewer of them
+
+
+def test_calibration_rows_draw_from_the_labels(curation, tmp_path):
+    """oracle = clean traces only, anti-oracle = corrupted only, doseNN = NN% clean; repeats train a deterministic
+    row once per training seed; a pool larger than its clean traces refuses an oracle fraction it cannot fill."""
+    ids = sorted(pq.read_table(curation["segments"], columns=["id"])["id"].to_pylist())
+    corrupted = set(ids[::2])
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"id": i, "corrupted": i in corrupted}) + "\n" for i in ids))
+    params = Params(methods=("length",), random_seeds=(0, 1), fractions=(0.25,), variants=(), include_base=False,
+                    repeats=2, dose_shares=(0.5,), dose_fraction=0.5)
+    build_subsets(curation["step_scores"], curation["extract"], tmp_path / "none.parquet", curation["segments"],
+                  curation["clusters"], tmp_path / "s", tmp_path / "w", tmp_path / "out", params, score.Params(),
+                  aggregate.Params(), select.Params(), labels=labels)
+    runs = json.loads((tmp_path / "out" / "index.json").read_text())["runs"]
+    held = {run["name"]: set((tmp_path / "out" / run["ids"]).read_text().split()) for run in runs}
+    by_row: dict[str, list[dict]] = {}
+    for run in runs:
+        by_row.setdefault(run["method"], []).append(run)
+    assert {run["name"]: run["train_seed"] for run in by_row["length"]} == {"length-seed0-top25pct": 0,
+                                                                           "length-seed1-top25pct": 1}
+    assert [run["name"] for run in by_row["full"]] == ["full-seed0", "full-seed1"]
+    for run in by_row["oracle"]:
+        assert held[run["name"]] and not held[run["name"]] & corrupted and run["clean_share"] == 1
+    assert {run["fraction"] for run in by_row["oracle"]} == {0.25, 0.5}  # also at the dose budget
+    for run in by_row["anti-oracle"]:
+        assert held[run["name"]] <= corrupted and run["clean_share"] == 0
+    assert [len(held[run["name"]]) for run in by_row["dose50"]] == [len(ids) // 2] * 2
+    assert all(run["clean_share"] == 0.5 for run in by_row["dose50"])
+    assert held["oracle-seed0-top25pct"] != held["oracle-seed1-top25pct"]  # each seed its own draw
+    with pytest.raises(ParamsError, match="more traces than"):
+        build_subsets(curation["step_scores"], curation["extract"], tmp_path / "none.parquet", curation["segments"],
+                      curation["clusters"], tmp_path / "s", tmp_path / "w", tmp_path / "out2",
+                      dataclasses.replace(params, fractions=(0.75,), dose_fraction=None), score.Params(),
+                      aggregate.Params(), select.Params(), labels=labels)
