@@ -42,6 +42,7 @@ from tasks.diagnostics.scorers import sample_scores, step_table
 
 ANSWER_CORRUPTION = "wrong_final_answer"  # bad_step = n_steps: the answer span, not a step
 GRACE_VARIANTS = {"grace_proxy": {"gradient": "proxy"}, "grace_head": {"gradient": "head"},
+                  "grace_projected": {"gradient": "projected"},
                   "grace_proxy_alpha": {"gradient": "proxy", "lambda_": 1.0},
                   "grace_proxy_consistency": {"gradient": "proxy", "lambda_": 0.0}}
 
@@ -68,11 +69,26 @@ def detection(scores: np.ndarray, ids: list[str], labels: list[dict], fractions)
     clean = np.array([not label["corrupted"] for label in labels])
     kinds = np.array([label["corruption"] or "clean" for label in labels])
     result = {"auroc": auroc(scores, clean)}
+    # recall per corruption type: flag as many traces as there are corrupted ones, the lowest scored; the share of
+    # each type flagged (a random score flags the corrupted share of every type)
+    flagged = np.zeros(len(scores), dtype=bool)
+    flagged[np.argsort(scores, kind="stable")[: int((~clean).sum())]] = True
     result.update({f"precision_{fraction_subset_name(f)}": precision_at(ids, scores, clean, f) for f in fractions})
     for kind in sorted(set(kinds) - {"clean"}):
         keep = clean | (kinds == kind)
         result[f"auroc_{kind}"] = auroc(scores[keep], clean[keep])
+        result[f"recall_{kind}"] = float(flagged[kinds == kind].mean())
     return result
+
+
+def step_loss_table(table: pa.Table) -> pa.Table:
+    """id, step_score = minus the step's mean token loss, per step of every trace (the answer span left out)."""
+    ids, scores = [], []
+    for id_, k, counts, sums in zip(table["id"].to_pylist(), table["n_steps"].to_pylist(),
+                                    table["span_token_counts"].to_pylist(), table["span_loss_sums"].to_pylist()):
+        ids += [id_] * k
+        scores += [-s / c if c else np.nan for s, c in zip(sums[:k], counts[:k])]
+    return pa.table({"id": ids, "step_score": pa.array(scores, pa.float64(), from_pandas=True)})
 
 
 def bad_step_ranks(steps: pa.Table, labels: dict[str, dict], n_steps: dict[str, int]) -> dict:
@@ -117,8 +133,10 @@ def diagnostics(extract_dir: Path, unconditional: Path, labels: Path, out_dir: P
     n_steps = dict(zip(ids, table["n_steps"].to_pylist()))
     report = {"n_traces": len(ids), "n_clean": sum(not label["corrupted"] for label in trace_labels),
               "labels_not_scored": len(all_labels) - len(ids), "scorers": {}}
+    present = {"proxy": True, "head": table["head_gram"].null_count == 0,  # a Gram the extract computed
+               "projected": "projected_gram" in table.column_names and table["projected_gram"].null_count == 0}
     scorers = {name: dataclasses.replace(score, method="grace", **change) for name, change in GRACE_VARIANTS.items()
-               if change["gradient"] == "proxy" or table["head_gram"].null_count == 0}
+               if present[change["gradient"]]}
     scorers.update({name: dataclasses.replace(score, method=name, gradient="proxy") for name in params.baselines})
     for name, scorer in scorers.items():
         scores = sample_scores(table, scorer, aggregate, losses)
@@ -129,6 +147,8 @@ def diagnostics(extract_dir: Path, unconditional: Path, labels: Path, out_dir: P
         if scorer.method == "grace":
             result["bad_step"] = bad_step_ranks(step_table(table, scorer), dict(zip(ids, trace_labels)), n_steps)
         report["scorers"][name] = result
+    # the plainest step signal beside GRACE's: a step whose tokens the model finds unlikely (high loss) is suspect
+    report["step_loss"] = {"bad_step": bad_step_ranks(step_loss_table(table), dict(zip(ids, trace_labels)), n_steps)}
     write_json(Path(out_dir) / "diagnostics.json", report)
     atomic_write_text(Path(out_dir) / "diagnostics.md", markdown(report, params.fractions))
     return report
@@ -149,10 +169,17 @@ def markdown(report: dict, fractions) -> str:
     for name, r in report["scorers"].items():
         cells = [_cell(r["auroc"])] + [_cell(r[t]) for t in tops] + [_cell(r.get(f"auroc_{k}")) for k in kinds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Recall per corruption type: the lowest-scored {report['n_traces'] - report['n_clean']} traces (as many "
+              "as are corrupted) flagged; the share of each type flagged (a random score flags "
+              f"{(report['n_traces'] - report['n_clean']) / max(report['n_traces'], 1):.3f} of each).", "",
+              "| scorer | " + " | ".join(kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
+    for name, r in report["scorers"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r.get(f"recall_{k}")) for k in kinds) + " |")
     lines += ["", "Bad-step rank among the trace's step scores (0 = lowest, chance 0.5); "
               f"{ANSWER_CORRUPTION} labels the answer, not a step, and is left out (its AUROC is above).", "",
               "| scorer | corruption | n | mean normalised rank | fraction lowest |", "|---|---|---|---|---|"]
-    for name, r in report["scorers"].items():
+    for name, r in [*report["scorers"].items(), ("step loss (minus the step's mean token loss)",
+                                                 report.get("step_loss", {}))]:
         if "bad_step" in r:
             b = r["bad_step"]
             for kind, s in [("all steps", b), *b["by_corruption"].items()]:

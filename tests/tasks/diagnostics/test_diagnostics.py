@@ -66,6 +66,11 @@ def test_detection_metrics_of_every_scorer(inputs):
     assert length["precision_top30pct"] == pytest.approx(0.5) and length["precision_top50pct"] == pytest.approx(0.75)
     assert report["scorers"]["full"]["auroc"] == 0.5  # a constant score separates nothing
     assert "bad_step" not in length
+    # recall: the 4 shortest (as many as are corrupted: x3 3, x1 6, x4 8, c2 9) flagged; x2 (20) escapes
+    assert (length["recall_wrong_final_answer"], length["recall_wrong_step_result"], length["recall_dropped_steps"],
+            length["recall_irrelevant_step"]) == (1.0, 1.0, 1.0, 0.0)
+    text = (inputs / "diagnostics" / "diagnostics.md").read_text()
+    assert "| length | 1.000 | 0.000 | 1.000 | 1.000 |" in text  # dropped, irrelevant, wrong answer, wrong step
 
 
 def test_bad_step_ranks_of_step_level_scorers(inputs):
@@ -76,6 +81,16 @@ def test_bad_step_ranks_of_step_level_scorers(inputs):
         assert set(bad["by_corruption"]) == {"wrong_step_result", "irrelevant_step"}
     text = (inputs / "diagnostics" / "diagnostics.md").read_text()
     assert "| grace_proxy | wrong_step_result | 1 | 0.000 | 1.000 |" in text
+
+
+def test_step_loss_is_the_bad_step_baseline(inputs):
+    """The step loss ranks steps too: here every span has loss sum 1, so the step with the most tokens has the
+    lowest mean loss, i.e. the highest step score; x1's steps are equal (2 tokens each): ties count one half."""
+    bad = run(inputs)["step_loss"]["bad_step"]
+    assert bad["n"] == 2 and bad["skipped_n_steps_mismatch"] == 1
+    assert bad["by_corruption"]["wrong_step_result"]["mean_normalised_rank"] == 0.5  # x1: one token per step, all tied
+    text = (inputs / "diagnostics" / "diagnostics.md").read_text()
+    assert "| step loss (minus the step's mean token loss) | wrong_step_result | 1 | 0.500 |" in text
 
 
 def test_an_unlabelled_trace_is_refused(inputs):
