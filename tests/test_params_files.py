@@ -28,7 +28,7 @@ def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():
 
 
 ARITH_CHANGED = {("data", "pool"), ("data", "test"), ("data", "labels"), ("extract", "head_variant")} | {
-    ("finetune_eval", key) for key in ("methods", "lora_r", "lora_alpha", "lora_layers", "batch_tokens", "steps",
+    ("finetune_eval", key) for key in ("methods", "fractions", "lora_r", "lora_alpha", "lora_layers", "batch_tokens", "steps",
                                        "accuracy_problems", "max_new_tokens", "eval_batch_size", "trunk_cache",
                                        "repeats", "variants", "scorers")}
 
