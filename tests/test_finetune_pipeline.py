@@ -63,7 +63,9 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
     metrics = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, environment))
     (workspace,) = metrics.values()  # dvc 3 keys the workspace as ""
     table = workspace["data"]["outputs/finetune/metrics.json"]["data"]
-    assert set(table) == {"base", "grace", "random", "full", "grace-warmed"}
+    # random-tokens: the token-matched random anchor; no gates (no labels, so no calibration rows)
+    assert set(table) == {"base", "grace", "random", "random-tokens", "full", "grace-warmed"}
+    assert "No calibration rows" in results
     plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, environment))
     assert not plots.get("errors") and plots["data"]["accuracy_vs_budget"]
     fields = {value["field"] for value in plots["data"]["accuracy_vs_budget"][0]["content"]["data"]["values"]}
@@ -74,4 +76,4 @@ def test_finetune_pipeline_runs_only_when_asked_and_resumes(tmp_path, tiny_model
     unchanged = {f"finetune/dvc.yaml:{name}" for name in ("test_set", "warmup", "scorers", "unconditional")}
     assert repro(repo, environment, "finetune/dvc.yaml") == FINETUNE_STAGES - unchanged
     index = json.loads((repo / "outputs/finetune/runs/index.json").read_text(encoding="utf-8"))
-    assert (index["trained"], index["from_cache"]) == (1, 5)  # only length-top50pct is new
+    assert (index["trained"], index["from_cache"]) == (1, 6)  # only length-top50pct is new

@@ -182,8 +182,8 @@ def report(runs: Path, out_dir: Path, params: Params) -> dict:
             f"run(s) trained, {index['from_cache']} from cache, {index['seconds']:.0f} s in all "
             f"({index.get('trunk_seconds', 0):.0f} s of them computing the frozen trunk).\n")
     atomic_write_text(Path(out_dir) / "results.md", text)
-    write_json(Path(out_dir) / "metrics.json", {**metrics(rows), "gates": {
-        f"{gate['gate']}{'_' + gate['budget'] if gate['budget'] else ''}": gate["passed"] for gate in gates}})
+    gate_metrics = {f"{gate['gate']}{'_' + gate['budget'] if gate['budget'] else ''}": gate["passed"] for gate in gates}
+    write_json(Path(out_dir) / "metrics.json", {**metrics(rows), **({"gates": gate_metrics} if gates else {})})
     for name, metric in PLOTS.items():
         atomic_write_text(Path(out_dir) / "plots" / name, plot_csv(rows, params.methods, metric))  # dvc.yaml's columns
     return {"rows": len(rows), "runs": len(records)}

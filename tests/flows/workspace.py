@@ -38,18 +38,21 @@ POOL_LINES = [json.dumps(row, ensure_ascii=False) for row in GSM_ROWS] + [
 
 
 def write_workspace(root: Path, model_dir: Path, **extract_overrides) -> Path:
-    """root/params.yaml (the repository's, on the tiny model), root/data/gsm_noisy/pool.jsonl and data/no_images."""
+    """root/params.yaml (the repository's, on the tiny model), root/data/gsm_noisy/pool.jsonl, data/no_images and
+    data/no_labels.jsonl."""
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["source"] = str(model_dir)
     # Two shards of two traces; no cache, so every run computes what it writes.
     params["extract"].update(device="cpu", shard_size=2, cache_dir=None, **extract_overrides)
     params["select"].update(fractions=[0.5, 1.0], token_budget=100000)
+    params["data"]["labels"] = "data/no_labels.jsonl"  # an unlabelled pool: no calibration rows (tests of their own)
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     pool = root / "data" / "gsm_noisy" / "pool.jsonl"
     pool.parent.mkdir(parents=True)
     pool.write_text("\n".join(POOL_LINES) + "\n", encoding="utf-8")
     shutil.copytree(REPO / "data" / "no_images", root / "data" / "no_images")  # dvc.yaml's ingest dep data.images
+    shutil.copy(REPO / "data" / "no_labels.jsonl", root / "data" / "no_labels.jsonl")  # finetune/dvc.yaml's dep
     return root
 
 
