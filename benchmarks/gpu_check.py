@@ -105,7 +105,7 @@ TINY_SHAPES = {  # --tiny: the same families, a few seconds on a CPU
 }
 MFU_SHAPE = "qwen2.5-1.5b"
 # bf16 dense peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name(); first match wins
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+PEAK_TFLOPS = (("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
                ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0))
 
 # Work per section: (GPU, --tiny). tokens: fed tokens per timed pass; budgets in seconds (soft; hard = 1.5x + 30).
@@ -248,7 +248,7 @@ def forward_flops(config, traces: list[EncodedTrace], head_positions: str) -> fl
 
 # ---- sections -------------------------------------------------------------------------------------------------
 
-def matmul_peak(check: Check, deadline: Deadline) -> dict:
+def matmul_peak(check: Check, deadline: Deadline, out: dict) -> dict:
     """The measured TFLOP/s of an (n, n) @ (n, n) matmul in bf16 (fp32 on CPU), best of the timed runs."""
     n = check.size("matmul_n")
     dtype = torch.bfloat16 if check.cuda else torch.float32
@@ -263,74 +263,82 @@ def matmul_peak(check: Check, deadline: Deadline) -> dict:
     name = torch.cuda.get_device_name() if check.cuda else platform.processor() or "cpu"
     table = next((peak for key, peak in PEAK_TFLOPS if key in name), None) if check.cuda else None
     peak = check.args.peak_tflops or table
-    return {"device_name": name, "dtype": str(dtype).removeprefix("torch."), "n": n,
+    return out | {"device_name": name, "dtype": str(dtype).removeprefix("torch."), "n": n,
             "measured_tflops": round(2 * n ** 3 / best / 1e12, 4), "table_peak_tflops": table,
             "peak_tflops_used": peak, "peak_source": "--peak-tflops" if check.args.peak_tflops else
             ("table" if table else "measured matmul (no table entry; pass --peak-tflops)")}
 
 
-def extract_vs_bare(check: Check, deadline: Deadline) -> dict:
+def extract_vs_bare(check: Check, deadline: Deadline, out: dict) -> dict:
     """Per shape and length: extract's loop against model(input_ids) on the same batches, paired repeats."""
-    rows = []
+    rows = out.setdefault("rows", [])  # filled as they come: a section stopped midway keeps its rows
+    out["target_x_bare_bf16"] = TARGETS["extract_vs_bare"]
     for shape_index, shape in enumerate(check.shapes):
         if deadline.left() < 0:
             rows.append({"shape": shape, "skipped": "time box"})
             continue
-        model = build_model(check, shape)
-        bf16 = copy.deepcopy(model).to(torch.bfloat16) if check.cuda else model
-        proxy = scorer(check, ProxyModel, model, shape)
-        for length_index, length in enumerate(check.size("lengths")):
-            n = max(2, check.size("run_tokens") // length)
-            traces = synthetic_traces(n, length, model.config.vocab_size, seed=100 * shape_index + length_index)
-            encoded = dict(enumerate(traces))
-            batches = [collate([traces[i] for i in batch], proxy.pad_id, pin=False)["input_ids"].to(check.device)
-                       for batch in pack_batches([len(t.input_ids) for t in traces], check.params.batch_tokens)]
+        try:
+            extract_vs_bare_shape(check, deadline, shape, shape_index, rows)
+        except Exception as error:  # noqa: BLE001 - one shape's failure (out of memory?) leaves the others
+            rows.append({"shape": shape, "error": "".join(traceback.format_exception(error))[-1500:]})
+        check.free()
+    return out
 
-            def bare(which):
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if check.cuda and which is model else \
-                    contextlib.nullcontext()
-                with torch.no_grad(), autocast, fixed_threads(check.device):  # CPU: extract's one thread
-                    for ids in batches:
-                        which(input_ids=ids, use_cache=False)
 
-            paths = {"extract": lambda: _compute(proxy, encoded, check.params, None),
-                     "bare bf16": lambda: bare(bf16), "bare autocast": lambda: bare(model)}
-            for run in paths.values():  # warm-up: every batch shape once (cuBLAS heuristics, allocator)
-                run()
-            seconds = {name: [] for name in paths}
-            for _ in range(check.size("repeats")):
-                for name, run in paths.items():
-                    seconds[name].append(check.timed(run))
-                if deadline.left() < 0:
-                    break
-            tokens = sum(len(t.input_ids) for t in traces)
-            padded = sum(len(b) * b.shape[1] for b in batches)
-            best = {name: min(s) for name, s in seconds.items()}
-            flops = {"extract": forward_flops(model.config, traces, "loss"),
-                     "bare": forward_flops(model.config, traces, "all")}
-            row = {"shape": shape, "length": length, "traces": n, "tokens": tokens, "batches": len(batches),
-                   "padding_waste": round(1 - tokens / padded, 4),
-                   "tokens_per_s": {name: round(tokens / s, 1) for name, s in best.items()},
-                   "seconds": {name: [round(v, 4) for v in s] for name, s in seconds.items()},
-                   # the median over repeats of the paired ratio: load hits both sides of a pair alike
-                   "x_bare_bf16": round(statistics.median(
-                       e / b for e, b in zip(seconds["extract"], seconds["bare bf16"])), 4),
-                   "x_bare_autocast": round(statistics.median(
-                       e / b for e, b in zip(seconds["extract"], seconds["bare autocast"])), 4),
-                   "tflops": {"extract": round(flops["extract"] / best["extract"] / 1e12, 4),
-                              "bare bf16": round(flops["bare"] / best["bare bf16"] / 1e12, 4)}}
-            row["target_met"] = row["x_bare_bf16"] <= TARGETS["extract_vs_bare"]
-            rows.append(row)
-            say(f"  {shape} ~{length} tok: extract {row['tokens_per_s']['extract']:,.0f} tok/s, "
-                f"x bare bf16 {row['x_bare_bf16']:.3f}, x bare autocast {row['x_bare_autocast']:.3f}")
+def extract_vs_bare_shape(check: Check, deadline: Deadline, shape: str, shape_index: int, rows: list) -> None:
+    """extract_vs_bare at one shape, every length."""
+    model = build_model(check, shape)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16) if check.cuda else model
+    proxy = scorer(check, ProxyModel, model, shape)
+    for length_index, length in enumerate(check.size("lengths")):
+        n = max(2, check.size("run_tokens") // length)
+        traces = synthetic_traces(n, length, model.config.vocab_size, seed=100 * shape_index + length_index)
+        encoded = dict(enumerate(traces))
+        batches = [collate([traces[i] for i in batch], proxy.pad_id, pin=False)["input_ids"].to(check.device)
+                   for batch in pack_batches([len(t.input_ids) for t in traces], check.params.batch_tokens)]
+
+        def bare(which):
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if check.cuda and which is model else \
+                contextlib.nullcontext()
+            with torch.no_grad(), autocast, fixed_threads(check.device):  # CPU: extract's one thread
+                for ids in batches:
+                    which(input_ids=ids, use_cache=False)
+
+        paths = {"extract": lambda: _compute(proxy, encoded, check.params, None),
+                 "bare bf16": lambda: bare(bf16), "bare autocast": lambda: bare(model)}
+        for run in paths.values():  # warm-up: every batch shape once (cuBLAS heuristics, allocator)
+            run()
+        seconds = {name: [] for name in paths}
+        for _ in range(check.size("repeats")):
+            for name, run in paths.items():
+                seconds[name].append(check.timed(run))
             if deadline.left() < 0:
                 break
-        del model, bf16, proxy
-        check.free()
-    return {"target_x_bare_bf16": TARGETS["extract_vs_bare"], "rows": rows}
+        tokens = sum(len(t.input_ids) for t in traces)
+        padded = sum(len(b) * b.shape[1] for b in batches)
+        best = {name: min(s) for name, s in seconds.items()}
+        flops = {"extract": forward_flops(model.config, traces, "loss"),
+                 "bare": forward_flops(model.config, traces, "all")}
+        row = {"shape": shape, "length": length, "traces": n, "tokens": tokens, "batches": len(batches),
+               "padding_waste": round(1 - tokens / padded, 4),
+               "tokens_per_s": {name: round(tokens / s, 1) for name, s in best.items()},
+               "seconds": {name: [round(v, 4) for v in s] for name, s in seconds.items()},
+               # the median over repeats of the paired ratio: load hits both sides of a pair alike
+               "x_bare_bf16": round(statistics.median(
+                   e / b for e, b in zip(seconds["extract"], seconds["bare bf16"])), 4),
+               "x_bare_autocast": round(statistics.median(
+                   e / b for e, b in zip(seconds["extract"], seconds["bare autocast"])), 4),
+               "tflops": {"extract": round(flops["extract"] / best["extract"] / 1e12, 4),
+                          "bare bf16": round(flops["bare"] / best["bare bf16"] / 1e12, 4)}}
+        row["target_met"] = row["x_bare_bf16"] <= TARGETS["extract_vs_bare"]
+        rows.append(row)
+        say(f"  {shape} ~{length} tok: extract {row['tokens_per_s']['extract']:,.0f} tok/s, "
+            f"x bare bf16 {row['x_bare_bf16']:.3f}, x bare autocast {row['x_bare_autocast']:.3f}")
+        if deadline.left() < 0:
+            break
 
 
-def mfu(check: Check, deadline: Deadline) -> dict:
+def mfu(check: Check, deadline: Deadline, out: dict) -> dict:
     """Extract's TFLOP/s at MFU_SHAPE (from extract_vs_bare) over the bf16 dense peak and the measured matmul."""
     peak_section = check.results.get("matmul_peak", {})
     rows = [r for r in check.results.get("extract_vs_bare", {}).get("rows", [])
@@ -338,7 +346,7 @@ def mfu(check: Check, deadline: Deadline) -> dict:
     if not rows:
         raise RuntimeError(f"extract_vs_bare has no {MFU_SHAPE} row to take the rate from")
     peak, measured = peak_section.get("peak_tflops_used"), peak_section.get("measured_tflops")
-    out = {"shape": MFU_SHAPE, "peak_tflops": peak, "measured_matmul_tflops": measured,
+    out |= {"shape": MFU_SHAPE, "peak_tflops": peak, "measured_matmul_tflops": measured,
            "target": TARGETS["mfu"], "rows": []}
     for row in rows:
         entry = {"length": row["length"], "extract_tflops": row["tflops"]["extract"],
@@ -370,7 +378,7 @@ def step_table(traces: list[EncodedTrace], numbers: dict) -> tuple[pa.Table, np.
     return table, np.concatenate([numbers[i].span_loss_sums for i in range(len(traces))])
 
 
-def bf16_vs_fp32(check: Check, deadline: Deadline) -> dict:
+def bf16_vs_fp32(check: Check, deadline: Deadline, out: dict) -> dict:
     """The same traces through extract under bf16 autocast and in fp32; the score and aggregate signals compared."""
     shape = next(iter(check.shapes))
     model = build_model(check, shape)
@@ -383,7 +391,7 @@ def bf16_vs_fp32(check: Check, deadline: Deadline) -> dict:
     agg = aggregate.Params()
     samples = {name: aggregate.grace_sample_scores(table, agg.how, agg.softmin_tau)[1] for name, (table, _) in
                runs.items()}
-    out = {"shape": shape, "traces": len(traces), "steps": runs["bf16"][0].num_rows,
+    out |= {"shape": shape, "traces": len(traces), "steps": runs["bf16"][0].num_rows,
            "bf16_is_autocast": check.cuda, "target_spearman": TARGETS["spearman"], "spearman": {}}
     for name in ("alpha", "consistency", "step_score"):
         out["spearman"][name] = correlations(runs["bf16"][0][name].to_numpy(zero_copy_only=False),
@@ -403,7 +411,7 @@ def bf16_vs_fp32(check: Check, deadline: Deadline) -> dict:
     return out
 
 
-def projected(check: Check, deadline: Deadline) -> dict:
+def projected(check: Check, deadline: Deadline, out: dict) -> dict:
     """Extract, the projected source and exact `full` on the same few traces of the 135M shape; ratios to extract."""
     shape = next(iter(check.shapes))
     model = build_model(check, shape)
@@ -414,7 +422,7 @@ def projected(check: Check, deadline: Deadline) -> dict:
     exact_n = check.size("exact_traces")
     tokens = sum(len(t.input_ids) for t in traces)
     exact_tokens = sum(len(t.input_ids) for t in traces[:exact_n])
-    seconds = {}
+    seconds = out.setdefault("seconds", {})
     proxy = scorer(check, ProxyModel, model, shape)
     _compute(proxy, dict(enumerate(warm)), check.params, None)
     seconds["extract"] = check.timed(lambda: _compute(proxy, dict(enumerate(traces)), check.params, None))
@@ -422,17 +430,20 @@ def projected(check: Check, deadline: Deadline) -> dict:
     projected_model = scorer(check, ProjectedModel, model, shape, spec)
     _compute(projected_model, dict(enumerate(warm)), check.params, None)
     seconds["projected"] = check.timed(lambda: _compute(projected_model, dict(enumerate(traces)), check.params, None))
-    out = {"shape": shape, "traces": len(traces), "tokens": tokens, "spans": sum(t.n_spans for t in traces),
+    out |= {"shape": shape, "traces": len(traces), "tokens": tokens, "spans": sum(t.n_spans for t in traces),
            "projected_spec": dataclasses.asdict(spec), "projected_dimension": projected_model.dimension,
            "batched_vjp": projected_model.batched}
     del proxy, projected_model, model
     check.free()
     if deadline.left() > 0:
-        exact = ExactModel(saved, ExactSpec("full"), check.device)
-        exact.grams(warm[0])
-        seconds["exact full"] = check.timed(lambda: [exact.grams(t) for t in traces[:exact_n]])
-        out.update(exact_traces=exact_n, exact_tokens=exact_tokens)
-        del exact
+        try:
+            exact = ExactModel(saved, ExactSpec("full"), check.device)
+            exact.grams(warm[0])
+            seconds["exact full"] = check.timed(lambda: [exact.grams(t) for t in traces[:exact_n]])
+            out.update(exact_traces=exact_n, exact_tokens=exact_tokens)
+        except Exception as error:  # noqa: BLE001 - extract and projected stand without it
+            out["exact_error"] = "".join(traceback.format_exception(error))[-1500:]
+        exact = None
         check.free()
     else:
         out["exact_skipped"] = "time box"
@@ -440,10 +451,12 @@ def projected(check: Check, deadline: Deadline) -> dict:
     out["tokens_per_s"] = {name: round(rate, 2) for name, rate in rates.items()}
     out["x_extract"] = {name: round(rates["extract"] / rate, 2) for name, rate in rates.items() if name != "extract"}
     out["seconds"] = {name: round(s, 3) for name, s in seconds.items()}
+    if "exact_error" in out:
+        raise RuntimeError("exact full failed (exact_error); extract and projected are measured")
     return out
 
 
-def finetune(check: Check, deadline: Deadline) -> dict:
+def finetune(check: Check, deadline: Deadline, out: dict) -> dict:
     """Optimizer steps/s of the project's training loop, LoRA (finetune_eval defaults) and all parameters."""
     shape = next(iter(check.shapes))
     base = FinetuneParams()
@@ -452,7 +465,7 @@ def finetune(check: Check, deadline: Deadline) -> dict:
     steps = check.size("finetune_steps")
     traces = synthetic_traces(per_step * steps, length, check.shapes[shape][1]["vocab_size"], 13)
     examples = [Example(tuple(int(i) for i in t.input_ids), t.prompt_tokens, False) for t in traces]
-    out = {"shape": shape, "examples": len(examples), "tokens": sum(len(e.input_ids) for e in examples), "modes": {}}
+    out |= {"shape": shape, "examples": len(examples), "tokens": sum(len(e.input_ids) for e in examples), "modes": {}}
     for mode, learning_rate in (("lora", base.learning_rate), ("full", 1.0e-5)):
         if deadline.left() < 0:
             out["modes"][mode] = {"skipped": "time box"}
@@ -490,7 +503,7 @@ def cuda_test_ids() -> list[str]:
     return ids
 
 
-def cuda_tests(check: Check, deadline: Deadline) -> dict:
+def cuda_tests(check: Check, deadline: Deadline, out: dict) -> dict:
     """The CUDA-only tests with pytest in a subprocess: passed, failed, errors, skipped (junit XML)."""
     ids = cuda_test_ids()
     xml = check.tmp / "cuda_tests.xml"
@@ -498,8 +511,8 @@ def cuda_tests(check: Check, deadline: Deadline) -> dict:
     try:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(10.0, deadline.left()))
     except subprocess.TimeoutExpired as error:
-        return {"ids": ids, "timed_out": True, "output_tail": str(error.stdout or "")[-2000:]}
-    out = {"ids": ids, "returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-2000:]}
+        raise RuntimeError(f"pytest ran past the time box: {str(error.stdout or '')[-2000:]}") from None
+    out |= {"ids": ids, "returncode": done.returncode, "output_tail": (done.stdout + done.stderr)[-2000:]}
     if xml.is_file():
         root = ET.parse(xml).getroot()
         suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -528,6 +541,8 @@ def markdown(report: dict) -> str:
         lines.append(f"## {name}: {section['status']} ({section.get('section_seconds', '?')} s)")
         if section["status"] != "ok":
             lines += ["", "```", section.get("error", section["status"]), "```", ""]
+            if section.get("partial"):
+                lines += ["partial results:", "", "```json", json.dumps(section["partial"], default=str)[:4000], "```", ""]
             continue
         lines.append("")
         if name == "matmul_peak":
@@ -537,8 +552,9 @@ def markdown(report: dict) -> str:
             lines += ["| shape | ~tokens/trace | traces | extract tok/s | bare bf16 tok/s | bare autocast tok/s | "
                       "x bare bf16 | x bare autocast | padding | target <= 1.10 |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in section["rows"]:
-                if "skipped" in r:
-                    lines.append(f"| {r['shape']} | skipped: {r['skipped']} |||||||||")
+                if "skipped" in r or "error" in r:
+                    why = f"skipped: {r['skipped']}" if "skipped" in r else "error: " + r["error"].strip().splitlines()[-1]
+                    lines.append(f"| {r['shape']} | {why[:300]} |||||||||")
                     continue
                 t = r["tokens_per_s"]
                 lines.append(f"| {r['shape']} | {r['length']} | {r['traces']} | {t['extract']:,.0f} | "
@@ -590,7 +606,7 @@ def write(out: Path, report: dict) -> None:
     (out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
 
 
-class HardTimeout(Exception):
+class HardTimeout(BaseException):  # not an Exception: a per-shape guard must not swallow it
     pass
 
 
@@ -610,12 +626,13 @@ def run_section(check: Check, name: str, total: Deadline) -> dict:
     signal.setitimer(signal.ITIMER_REAL, hard)
     started = time.perf_counter()
     say(f"{name}: start (budget {budget:.0f} s)")
+    out: dict = {}  # the section fills it as it goes: what it finished survives its failure
     try:
-        result = {"status": "ok", **SECTIONS[name](check, deadline)}
+        result = {"status": "ok", **SECTIONS[name](check, deadline, out)}
     except BaseException as error:  # noqa: BLE001 - a section's failure is reported, the others still run
         if isinstance(error, KeyboardInterrupt):
             raise
-        result = {"status": "error", "error": "".join(traceback.format_exception(error))[-3000:]}
+        result = {"status": "error", "error": "".join(traceback.format_exception(error))[-3000:], "partial": out}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     result["section_seconds"] = round(time.perf_counter() - started, 1)

@@ -21,7 +21,8 @@ IMPORTS="import tasks.curate.extract, tasks.curate.aggregate, tasks.diagnostics.
 if ! "$PY" -c "$IMPORTS" 2>/dev/null; then
   if compgen -G ".whl/*.whl" >/dev/null; then
     echo "gpu_check.sh: installing .whl/ into /tmp/site (no index)" >&2
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl ||
+      "$PY" -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/*.whl')]"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   "$PY" -c "$IMPORTS" || { echo "gpu_check.sh: the project's modules do not import (above); fill .whl/ (see this file's header)" >&2; exit 2; }

@@ -82,3 +82,14 @@ def test_the_script_imports_only_what_the_gpu_host_has_or_the_wheels_ship():
     third_party -= set(sys.stdlib_module_names) | {"tasks", "flows", "__future__"}
     missing = third_party - set(gpu_check.HOST_PACKAGES) - set(gpu_check.WHEELS) - set(gpu_check.UNUSED_LAZY)
     assert not missing, f"the GPU host lacks {sorted(missing)}: ship wheels (gpu_check.sh) or keep them out of reach"
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(tmp_path):
+    """mfu alone has no extract_vs_bare rows to read: it fails, in the files, and the sections after it run."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--tiny", "--out", str(tmp_path), "--sections",
+                           "mfu", "matmul_peak"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert sections["mfu"]["status"] == "error" and "no qwen2.5-1.5b row" in sections["mfu"]["error"]
+    assert sections["matmul_peak"]["status"] == "ok" and sections["matmul_peak"]["measured_tflops"] > 0
+    assert "## mfu: error" in (tmp_path / "gpu_check.md").read_text()
