@@ -110,7 +110,7 @@ PEAK_TFLOPS = (("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100
 
 # Work per section: (GPU, --tiny). tokens: fed tokens per timed pass; budgets in seconds (soft; hard = 1.5x + 30).
 SIZES = {
-    "run_tokens": (131072, 768), "lengths": ((300, 2000), (48, 160)), "repeats": (3, 1),
+    "run_tokens": (131072, 768), "lengths": ((300, 2000), (48, 160)), "repeats": (5, 1),
     "numerics_traces": (256, 12), "projected_traces": (12, 3), "exact_traces": (3, 2), "finetune_steps": (24, 3),
     "matmul_n": (8192, 256),
 }
@@ -471,12 +471,10 @@ def finetune(check: Check, deadline: Deadline, out: dict) -> dict:
             out["modes"][mode] = {"skipped": "time box"}
             continue
         params = dataclasses.replace(base, mode=mode, learning_rate=learning_rate)
-        model = build_model(check, shape)
-        model, _ = train(model, examples[:per_step * 2], params, pad_id=0)  # warm-up: two steps
-        started = time.perf_counter()
-        model, log = train(model, examples, params, pad_id=0)
-        check.sync()
-        elapsed = time.perf_counter() - started
+        model, _ = train(build_model(check, shape), examples[:per_step], params, pad_id=0)  # warm-up: one step
+        trained = []
+        elapsed = check.timed(lambda: trained.append(train(model, examples, params, pad_id=0)))
+        model, log = trained[0]
         out["modes"][mode] = {"steps": log["steps"], "seconds": round(elapsed, 3),
                               "steps_per_s": round(log["steps"] / elapsed, 3),
                               "tokens_per_s": round(out["tokens"] / elapsed, 1),
