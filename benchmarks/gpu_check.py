@@ -1,6 +1,6 @@
 """A GPU check that runs in minutes: extract's speed, MFU and bf16 numerics, projected and exact cost, fine-tune steps/s.
 
-    bash benchmarks/gpu_check.sh --out $OUT/gpu                  # a GPU host, repo root: ~4-5 min on one H200
+    bash benchmarks/gpu_check.sh --out $OUT/gpu                  # a GPU host, repo root: est. 3-5 min on one H200
     python benchmarks/gpu_check.py --cpu --tiny --out /tmp/gpu    # seconds: tests/benchmarks/test_gpu_check.py
 
 No download and no data: the models are randomly initialised from public configurations built here
@@ -14,6 +14,7 @@ Sections, each timed side by side in one run, guarded (an error is recorded, the
 time-boxed (a soft budget its loops check, a hard one by SIGALRM, and --total-s for the run); the JSON and the markdown are
 rewritten after every section, so a run killed midway keeps what it finished:
   matmul_peak     the measured bf16 TFLOP/s of a big matmul, next to the table's peak for this GPU
+  cuda_tests      the tests the CPU suite skips for want of CUDA (a skipif naming cuda), run with pytest
   extract_vs_bare extract tokens/s against a bare forward on the same batches (model(input_ids) under
                   no_grad: bf16 weights, and the fp32 model under bf16 autocast as extract runs it), at
                   ~300 and ~2k tokens per trace, per shape; target <= 1.10x the bf16 forward's time
@@ -24,7 +25,6 @@ rewritten after every section, so a run killed midway keeps what it finished:
                   (tasks/diagnostics/exact.py) tokens/s on the same few traces, and their ratio to extract
   finetune        optimizer steps/s of tasks.finetune.train.train (finetune_eval defaults: LoRA on the last
                   4 layers; and mode full) on the 135M shape
-  cuda_tests      the tests the CPU suite skips for want of CUDA (a skipif naming cuda), run with pytest
 
 Wheels: the host may lack pydantic (tasks.core.stage needs it). gpu_check.sh installs the wheels in
 .whl/ (git-ignored) when the import fails. Fill .whl/ on a machine with network (versions: constraints.txt):
@@ -114,8 +114,8 @@ SIZES = {
     "numerics_traces": (256, 12), "projected_traces": (12, 3), "exact_traces": (3, 2), "finetune_steps": (24, 3),
     "matmul_n": (8192, 256),
 }
-BUDGETS = {"matmul_peak": 20, "extract_vs_bare": 150, "mfu": 5, "bf16_vs_fp32": 40, "projected": 60,
-           "finetune": 45, "cuda_tests": 90}
+BUDGETS = {"matmul_peak": 20, "cuda_tests": 75, "extract_vs_bare": 140, "mfu": 5, "bf16_vs_fp32": 40, "projected": 60,
+           "finetune": 45}
 TARGETS = {"extract_vs_bare": 1.10, "mfu": 0.40, "spearman": 0.99}
 
 STARTED = time.perf_counter()
@@ -523,8 +523,9 @@ def cuda_tests(check: Check, deadline: Deadline, out: dict) -> dict:
     return out
 
 
-SECTIONS = {"matmul_peak": matmul_peak, "extract_vs_bare": extract_vs_bare, "mfu": mfu, "bf16_vs_fp32": bf16_vs_fp32,
-            "projected": projected, "finetune": finetune, "cuda_tests": cuda_tests}
+# cuda_tests early: cheap, in its own process, and never run on a GPU before; then the measurements by value
+SECTIONS = {"matmul_peak": matmul_peak, "cuda_tests": cuda_tests, "extract_vs_bare": extract_vs_bare, "mfu": mfu,
+            "bf16_vs_fp32": bf16_vs_fp32, "projected": projected, "finetune": finetune}
 
 
 # ---- output ---------------------------------------------------------------------------------------------------
@@ -655,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak (default: table by GPU name)")
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every section's time box")
-    parser.add_argument("--total-s", type=float, default=420.0, help="the whole run's time box: later sections skip")
+    parser.add_argument("--total-s", type=float, default=360.0, help="the whole run's time box: later sections skip")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("torch sees no CUDA device; use --cpu (and --tiny) to check the script itself")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py) on a host without network, from anywhere in the repo:
 #
-#     bash benchmarks/gpu_check.sh --out $OUT/gpu               # ~4-5 min on one H200; --total-s caps it (420)
+#     bash benchmarks/gpu_check.sh --out $OUT/gpu               # est. 3-5 min on one H200; --total-s caps it (360)
 #     bash benchmarks/gpu_check.sh --cpu --tiny --out /tmp/gpu  # seconds, no GPU: what the test suite runs
 #
 # The host's Python (python3, or $PYTHON) needs torch, transformers, peft, pyarrow, numpy, scikit-learn, pytest,
