@@ -282,6 +282,9 @@ def extract_vs_bare(check: Check, deadline: Deadline, out: dict) -> dict:
         except Exception as error:  # noqa: BLE001 - one shape's failure (out of memory?) leaves the others
             rows.append({"shape": shape, "error": "".join(traceback.format_exception(error))[-1500:]})
         check.free()
+    failed = [row["shape"] for row in rows if "error" in row]
+    if failed:  # the section is an error, its other rows kept (partial)
+        raise RuntimeError(f"extract_vs_bare failed at {failed}: see their rows")
     return out
 
 
