@@ -54,9 +54,9 @@ def test_cpu_tiny_run_writes_every_section_with_numbers(tmp_path):
     assert mfu["shape"] == gpu_check.MFU_SHAPE and len(mfu["rows"]) == 2
     assert all(number(r["extract_mfu_matmul"]) and r["extract_mfu_matmul"] > 0 for r in mfu["rows"])
     numerics = sections["bf16_vs_fp32"]
-    # on a CPU both runs are fp32: the comparison's plumbing must then find them identical
-    assert all(numerics["spearman"][name] > 0.999 for name in ("alpha", "consistency", "sample_score"))
-    assert numerics["max_span_loss_gap"] == 0.0 and numerics["target_met"]
+    # on a CPU the bf16 run is the CPU's autocast: extract's bf16 paths run, and the numbers differ a little
+    assert all(numerics["spearman"][name] > 0.9 for name in ("alpha", "consistency", "sample_score"))
+    assert 0 < numerics["max_span_loss_gap_relative"] < 0.05
     projected = sections["projected"]
     assert set(projected["tokens_per_s"]) == {"extract", "projected", "exact full"}
     assert all(number(v) and v > 0 for v in [*projected["tokens_per_s"].values(), *projected["x_extract"].values()])
