@@ -402,7 +402,8 @@ def bf16_vs_fp32(check: Check, deadline: Deadline, out: dict) -> dict:
     samples = {name: aggregate.grace_sample_scores(table, agg.how, agg.softmin_tau)[1] for name, (table, _) in
                runs.items()}
     out |= {"shape": shape, "traces": len(traces), "steps": runs["bf16"][0].num_rows,
-           "bf16": "CUDA autocast" if check.cuda else "CPU autocast (standing in for CUDA's)", "target_spearman": TARGETS["spearman"], "spearman": {}}
+            "bf16": "CUDA autocast" if check.cuda else "CPU autocast (standing in for CUDA's)",
+            "target_spearman": TARGETS["spearman"], "spearman": {}}
     for name in ("alpha", "consistency", "step_score"):
         out["spearman"][name] = correlations(runs["bf16"][0][name].to_numpy(zero_copy_only=False),
                                              runs["fp32"][0][name].to_numpy(zero_copy_only=False))["spearman"]
