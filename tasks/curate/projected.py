@@ -269,7 +269,9 @@ class ProjectedModel(ProxyModel):
                 x = F.one_hot(ids, module.num_embeddings).float() if p_in is None else p_in[ids]  # (1, T, k_in)
             else:
                 x = inputs[0].detach().float()  # (1, T, d_in)
-                x = x if p_in is None else x @ p_in  # (1, T, k_in)
+                if p_in is not None:  # in fp32 as on a CPU: under CUDA's autocast the product would be bf16
+                    with torch.autocast(x.device.type, enabled=False):
+                        x = x @ p_in  # (1, T, k_in)
             capture.layers.append(index)
             capture.inputs.append(x)
             width = output.shape[-1] if p_out is None else p_out.shape[1]

@@ -352,9 +352,11 @@ class ProxyModel:
                 # the same causal kernel runs and real positions get the same numbers (tested).
                 hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False,
                                       **extra).last_hidden_state  # (B, T, d)
-                # the question's mean state, for clustering problems: a by-product of this same forward
-                prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())  # (B, d)
-                hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head
+            # the question's mean state, for clustering problems: a by-product of this same forward; fp32,
+            # outside autocast, which would run the einsum's bmm in bf16 (and .numpy() has no bf16)
+            prompt_embedding = torch.einsum("bt,btd->bd", batch["question_weights"], hidden.float())  # (B, d)
+            hidden = hidden.flatten(0, 1)[batch["flat_positions"]]  # (N, d) only loss positions reach the head
+            with self._autocast():
                 logits = self.head(hidden) if head_variant else None  # (N, V): the head Gram needs all at once
             if head_variant:
                 summaries = span_summaries(hidden.float(), logits, batch["targets"], batch, self.head_weight,

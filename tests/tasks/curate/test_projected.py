@@ -13,6 +13,7 @@ from tasks.diagnostics.exact import ExactModel, ExactSpec
 from tasks.core.artifacts import read_extract
 from tasks.curate.extract import Params, extract, plan_shards
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
+from tasks.curate.proxy import ProxyModel
 from tasks.core.stage import ParamsError, params_from_dict
 from tests.conftest import build_tiny_model_dir
 from tests.tasks.diagnostics.test_exact import assert_gram_close, encode_rows, fresh_model
@@ -132,6 +133,18 @@ def test_batched_vector_jacobian_products_equal_the_loop(wide_model_dir, bpe_tok
     model.batched = False
     for vmapped, looped in zip(batched, model.launch(traces, head_variant=False).collect()):
         assert_gram_close(vmapped.projected_gram, looped.projected_gram, rtol=1e-6)
+
+
+def test_projected_under_bf16_autocast_runs_near_fp32(wide_model_dir, bpe_tokenizer, gsm_rows, monkeypatch):
+    """CUDA's bf16 autocast, emulated by the CPU's (issue 24): the probes' inputs are projected in fp32 (under
+    autocast x @ P_in came out bf16 and met the fp32 upstream signal in one einsum), the Grams stay near fp32."""
+    model = ProjectedModel(wide_model_dir, "cpu", ProjectedSpec())
+    traces = encode_rows(bpe_tokenizer, gsm_rows)
+    fp32 = model.launch(traces, head_variant=False).collect()
+    monkeypatch.setattr(ProxyModel, "_autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    for ours, theirs in zip(model.launch(traces, head_variant=False).collect(), fp32):
+        assert ours.projected_gram.dtype == np.float64
+        assert_gram_close(ours.projected_gram, theirs.projected_gram, rtol=5e-2)
 
 
 def test_cache_keys_change_only_when_projected_is_on(tmp_path, segments, tiny_model_dir):

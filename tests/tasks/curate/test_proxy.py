@@ -283,6 +283,25 @@ def test_launch_queues_a_batch_without_host_sync(tiny_model_dir):
         np.testing.assert_array_equal(ours.proxy_gram, theirs.proxy_gram)
 
 
+def test_launch_under_bf16_autocast_returns_float_arrays_near_fp32(tiny_model_dir, monkeypatch):
+    """CUDA's bf16 autocast, emulated by the CPU's (issue 24): what comes back is float32/64 host arrays
+    (the prompt embedding's einsum once ran in bf16 under autocast, which .numpy() refuses), near fp32."""
+    proxy_model = ProxyModel(tiny_model_dir, "cpu")
+    prompts = [json.dumps([{"role": "user", "content": q}]) for q in ("How many clips?", "How much in 50 minutes?")]
+    responses = ["She sold 24 clips.\nSo 72.\n#### 72", "12/60 = 0.2 per minute.\n0.2 x 50 = 10 dollars.\n#### 10"]
+    encoded = encode_traces(proxy_model.tokenizer, list(zip(prompts, responses, map(line_spans, responses))),
+                            chat_template=True, max_length=512)
+    fp32 = proxy_model.launch(encoded, head_variant=True).collect()
+    monkeypatch.setattr(ProxyModel, "_autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    for head_variant in (True, False):
+        for ours, theirs in zip(proxy_model.launch(encoded, head_variant).collect(), fp32):
+            assert ours.prompt_embedding.dtype == np.float32 and ours.proxy_gram.dtype == np.float64
+            np.testing.assert_allclose(ours.span_loss_sums, theirs.span_loss_sums, rtol=2e-2)
+            np.testing.assert_allclose(ours.prompt_embedding, theirs.prompt_embedding, rtol=5e-2, atol=5e-2)
+            np.testing.assert_allclose(ours.proxy_gram, theirs.proxy_gram, rtol=5e-2,
+                                       atol=5e-2 * np.abs(theirs.proxy_gram).max())
+
+
 def test_prompt_embedding_is_the_mean_question_state_of_the_same_forward(tiny_model_dir):
     """Batched and padded, the embedding is the mean final hidden state over [question_start, prompt_tokens)."""
     proxy_model = ProxyModel(tiny_model_dir, "cpu")
