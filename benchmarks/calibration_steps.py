@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, help="convert this GGUF into --model first")
     parser.add_argument("--device", default=None, help="overrides finetune_eval.device")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this many seconds")
+    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (e.g. oracle random), seed by seed")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only these budgets")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         params = dataclasses.replace(params, device=args.device)
     device = train.resolve_device(params.device)
     runs = [run for run in json.loads((args.subsets / "index.json").read_text(encoding="utf-8"))["runs"]
-            if is_calibration(run)]
+            if is_calibration(run) and (args.rows is None or run["method"] in args.rows)
+            and (args.fractions is None or run["fraction"] in args.fractions)]
+    if args.rows is not None:  # seed by seed, so a run cut short by the budget keeps whole seeds of every row
+        runs.sort(key=lambda run: (run["seed"] if run["seed"] is not None else -1, args.rows.index(run["method"])))
     columns = ["id", "content_hash", "prompt_messages", "response"]
     pool = {row["id"]: row for row in pq.read_table(args.segments, columns=columns).to_pylist()}
     problems = evaluation_problems(args.test)
