@@ -150,6 +150,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     `images`: per prompt its image files, where `tokenizer` is a VLM's processor."""
     device = str(next(model.parameters()).device)
     text_tokenizer(tokenizer).padding_side = "left"  # generation appends on the right, so pads go left
+    if text_tokenizer(tokenizer).pad_token is None:  # e.g. SmolLM2 converted by transformers 5.17: batches need one
+        text_tokenizer(tokenizer).pad_token = text_tokenizer(tokenizer).eos_token  # masked anyway (padding_id)
     # by text length (image tokens not counted: each chart adds the same number, the order barely moves)
     lengths = [len(text_tokenizer(tokenizer)(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))

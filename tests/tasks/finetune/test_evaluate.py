@@ -79,6 +79,19 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny_model_dir, tok
     assert batched == single and all(batched)
 
 
+def test_generation_pads_with_the_end_of_sequence_where_the_tokenizer_has_no_pad_token(tiny_model_dir):
+    """A tokenizer saved without a pad token (SmolLM2 converted by transformers 5.17 on the GPU host) could not
+    batch prompts ("Asking to pad but the tokenizer does not have a padding token"): it pads with its end of
+    sequence, which the attention mask hides, so the generations are the padded tokenizer's."""
+    model = train.load_model(tiny_model_dir, "cpu")
+    bare = AutoTokenizer.from_pretrained(tiny_model_dir)
+    padded = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bare.pad_token = None
+    prompts = [train.render(padded, [{"role": "user", "content": text}], "")[0] for text in ["Hi", "What is 4 plus 2?"]]
+    assert evaluate.generate(model, bare, prompts, max_new_tokens=5, batch_size=2) == [
+        evaluate.generate(model, padded, [prompt], max_new_tokens=5, batch_size=1)[0] for prompt in prompts]
+
+
 def test_evaluate_accuracy_and_gold_loss(tiny_model_dir, tokenizer):
     model = train.load_model(tiny_model_dir, "cpu")
     problems = [{"id": f"p{i}", "prompt_messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
