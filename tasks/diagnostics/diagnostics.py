@@ -72,7 +72,8 @@ def detection(scores: np.ndarray, ids: list[str], labels: list[dict], fractions)
     # recall per corruption type: flag as many traces as there are corrupted ones, the lowest scored; the share of
     # each type flagged (a random score flags the corrupted share of every type)
     flagged = np.zeros(len(scores), dtype=bool)
-    flagged[np.argsort(scores, kind="stable")[: int((~clean).sum())]] = True
+    tiebreak = np.random.default_rng(0).permutation(len(scores))  # tied scores flagged at random, not by row order
+    flagged[np.lexsort((tiebreak, scores))[: int((~clean).sum())]] = True
     result.update({f"precision_{fraction_subset_name(f)}": precision_at(ids, scores, clean, f) for f in fractions})
     for kind in sorted(set(kinds) - {"clean"}):
         keep = clean | (kinds == kind)

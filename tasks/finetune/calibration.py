@@ -15,7 +15,9 @@ better or worse than random on it (issue 21): fix the testbed, not the selector.
 
 gap recovered = (selector - random) / (oracle - random) at a budget: 0 = random, 1 = the oracle, < 0 = worse
 than random. Its 95% interval is a percentile bootstrap over test problems (resampled together for every row:
-the rows answered the same problems) and over each row's seeds (resampled within the row).
+the rows answered the same problems) and over each row's seeds (resampled within the row); it is given only
+where the oracle - random difference stays above 0 in 97.5% of the resamples (else the ratio's interval would
+mean nothing: n/a).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 G1_MIN_POINTS = 0.10  # the oracle must beat random by at least 10 accuracy points...
 G1_SD_MULTIPLE = 3  # ...and by 3 pooled seed SDs
+G1_SEEDS = 3  # ...over at least 3 seeds of each row (with one seed the SD, and so the bar, would vanish)
 
 
 def read_runs(runs: Path) -> list[dict]:
@@ -63,9 +66,15 @@ def _sd(matrix: np.ndarray) -> float:
     return statistics.stdev(per_seed.tolist()) if len(per_seed) > 1 else 0.0
 
 
+def budgets(table: dict[tuple[str, float], np.ndarray]) -> list[float]:
+    """The table's budgets: the fractions its random rows ran at (a dose-only budget is G3's, not a budget)."""
+    return sorted({f for (row, f) in table if row == "random"}) or sorted(
+        {f for (row, f) in table if row not in ("base", "full")})
+
+
 def gates(table: dict[tuple[str, float], np.ndarray]) -> list[dict]:
     """Each gate: {gate, budget, passed, text}; a gate whose rows are missing is reported, not passed."""
-    fractions = sorted({f for (row, f) in table if row not in ("base", "full")})
+    fractions = budgets(table)
     result = []
     for fraction in fractions:
         oracle, random_ = table.get(("oracle", fraction)), table.get(("random", fraction))
@@ -73,10 +82,13 @@ def gates(table: dict[tuple[str, float], np.ndarray]) -> list[dict]:
         budget = f"{fraction * 100:g}%"
         if oracle is None or random_ is None:
             result.append({"gate": "G1", "budget": budget, "passed": False, "text": "no oracle or random rows"})
+        elif min(len(oracle), len(random_)) < G1_SEEDS:
+            result.append({"gate": "G1", "budget": budget, "passed": False, "text":
+                           f"{len(oracle)} oracle and {len(random_)} random seeds; the gate needs {G1_SEEDS} each"})
         else:
             pooled = ((_sd(oracle) ** 2 + _sd(random_) ** 2) / 2) ** 0.5
             gap, need = _mean(oracle) - _mean(random_), max(G1_MIN_POINTS, G1_SD_MULTIPLE * pooled)
-            result.append({"gate": "G1", "budget": budget, "passed": gap >= need, "oracle": _mean(oracle),
+            result.append({"gate": "G1", "budget": budget, "passed": gap >= need - 1e-9, "oracle": _mean(oracle),
                            "random": _mean(random_), "pooled_sd": pooled, "text":
                            f"oracle {100 * _mean(oracle):.1f} - random {100 * _mean(random_):.1f} = {100 * gap:.1f} "
                            f"points, needs >= max(10, 3 x pooled SD {100 * pooled:.1f}) = {100 * need:.1f}"})
@@ -114,8 +126,7 @@ def gap_recovered(table: dict[tuple[str, float], np.ndarray], n_boot: int = 2000
     """(row, fraction) -> {gap, low, high}: the share of the oracle-random gap a row recovers, bootstrapped."""
     rng = np.random.default_rng(seed)
     out = {}
-    fractions = sorted({f for (row, f) in table if row not in ("base", "full")})
-    for fraction in fractions:
+    for fraction in budgets(table):
         oracle, random_ = table.get(("oracle", fraction)), table.get(("random", fraction))
         if oracle is None or random_ is None:
             continue
@@ -129,15 +140,18 @@ def gap_recovered(table: dict[tuple[str, float], np.ndarray], n_boot: int = 2000
 
         oracle_b, random_b = boot(oracle), boot(random_)
         denominator = oracle_b - random_b
+        # a ratio is only read where the oracle surely beats random: an interval over a denominator that can be
+        # 0 or negative means nothing, so then the gap has no interval (n/a)
+        resolved = np.percentile(denominator, 2.5) > 0
         for (row, f), matrix in table.items():
             if f != fraction or row in ("oracle", "random"):
                 continue
             gap = (_mean(matrix) - _mean(random_)) / (_mean(oracle) - _mean(random_)) \
                 if _mean(oracle) != _mean(random_) else None
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratios = (boot(matrix) - random_b) / denominator
-            ratios = ratios[np.isfinite(ratios)]
-            low, high = (np.percentile(ratios, [2.5, 97.5]).tolist() if len(ratios) else (None, None))
+            row_b = boot(matrix)
+            low = high = None
+            if resolved:
+                low, high = np.percentile((row_b - random_b) / denominator, [2.5, 97.5]).tolist()
             out[(row, fraction)] = {"gap": gap, "low": low, "high": high}
     return out
 

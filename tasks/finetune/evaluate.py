@@ -38,7 +38,7 @@ from tasks.finetune.train import (Example, autocast, collate, decoder_layers, en
 
 _CURRENCY = re.compile(r"^[\$€£¥₹]|[\$€£¥₹%]$")
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
-_OPERATOR = re.compile(r"(?<=[\d\s])([-+*/x×])(?=[\s\d-])")
+_TERM = re.compile(r"\s*([-+*/x×])\s*(-?\d[\d,]*(?:\.\d+)?)")  # one "op operand" after the first number
 # "a op b ... = r": numbers joined by operators on the left, one number on the right
 _EQUATION = re.compile(r"^(?P<left>-?\d[\d,.]*(?:\s*[-+*/x×]\s*-?\d[\d,.]*)+)\s*=\s*(?P<right>-?\d[\d,]*(?:\.\d+)?)\.?$")
 _ANSWER_LINE = re.compile(r"^(?:the )?(?:final )?answer\b|^####", re.IGNORECASE)
@@ -105,20 +105,24 @@ def arithmetic_steps(generation: str, question: str) -> tuple[int, int]:
     running totals) and whose first number is the result the previous equation wrote (the first equation's: a
     number of the question). A line of prose, a wrong result, or a step that starts from a number never written
     (a skipped step) is not good: the process metric of issue 21, read from the text alone. It does not check
-    that a step copies the question's operation (exact match does); traces not written as equations score 0."""
+    that a step copies the question's operation (exact match does); traces not written as equations score 0.
+    An irrelevant computation costs twice: it is not chained, and the step after it does not start from its
+    result; so does a prose line before the answer ("So the answer is 7." is the answer line, not a step)."""
     lines = [line.strip() for line in generation.split("\n") if line.strip()]
-    steps = [line for line in lines if not _ANSWER_LINE.match(line)]
+    answer_at = next((i for i, line in enumerate(lines) if _ANSWER_LINE.match(line)), len(lines))
+    steps = lines[:answer_at]  # what follows the answer line is not reasoning
     question_numbers = {_number(n) for n in _NUMBER.findall(question)}
     previous, good = None, 0
     for line in steps:
         match = _EQUATION.match(line)
         if match is None:  # prose: not a good step, and the chain goes on from the last equation
             continue
-        numbers = [_number(n) for n in _NUMBER.findall(match["left"])]
-        operators = _OPERATOR.findall(match["left"])
+        first = _NUMBER.match(match["left"])
+        terms = _TERM.findall(match["left"][first.end():])  # [(op, operand)]: "5 - -3" is ("-", "-3")
+        numbers = [_number(first.group())] + [_number(operand) for _, operand in terms]
         value = numbers[0]
         try:
-            for operator, operand in zip(operators, numbers[1:]):
+            for (operator, _), operand in zip(terms, numbers[1:]):
                 value = {"+": value + operand, "-": value - operand, "*": value * operand, "x": value * operand,
                          "×": value * operand, "/": value / operand if operand else None}[operator]
         except TypeError:  # a division by zero left None

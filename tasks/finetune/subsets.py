@@ -282,10 +282,13 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
             raise ParamsError(f"finetune_eval.scorers.{scorer}.pool: {n_scored} traces cannot give "
                               f"{select_stage.fraction_size(max(fractions), n_pool)}; raise pool")
         within = job.get("within_clusters", False)
+        # a calibration row is its labels' draw: strata or a per-question cap would fill it with other traces
+        job_select = select if "calibration" not in job else dataclasses.replace(
+            select, stratify_by=None, max_per_question=None)
         subsets = []  # (fraction, ids.txt relative to out_dir, the subset's manifest entry)
         if method == "full" or job.get("budget", params.budget) == "samples":
             manifest = select_stage.select(sample_scores, segments, work / "select", dataclasses.replace(
-                select, fractions=own, token_budget=None, within_clusters=within), clusters=clusters)
+                job_select, fractions=own, token_budget=None, within_clusters=within), clusters=clusters)
             for fraction, fraction_own in zip(fractions, own):
                 name = select_stage.fraction_subset_name(fraction_own)
                 subsets.append((fraction, f"{label}/select/subsets/{name}/ids.txt", manifest["subsets"][name]))
@@ -293,7 +296,7 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
             for fraction in fractions:  # one select per budget: select takes one token budget at a time
                 tokens, name = round(fraction * pool_tokens), select_stage.fraction_subset_name(fraction)
                 manifest = select_stage.select(sample_scores, segments, work / f"select-{name}", dataclasses.replace(
-                    select, fractions=(), token_budget=tokens, within_clusters=within), clusters=clusters)
+                    job_select, fractions=(), token_budget=tokens, within_clusters=within), clusters=clusters)
                 subsets.append((fraction, f"{label}/select-{name}/subsets/budget{tokens}tok/ids.txt",
                                 manifest["subsets"][f"budget{tokens}tok"]))
         is_variant = "name" in job
@@ -304,6 +307,9 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
         warmed = scorer != "base" and params.scorers[scorer].get("model") == "warmup"
         for fraction, ids_path, entry in subsets:
             ids = (Path(out_dir) / ids_path).read_text(encoding="utf-8").split()
+            if not ids:  # a token budget smaller than the first-ranked trace: nothing to train on
+                raise ParamsError(f"finetune_eval.fractions: {label} at {fraction} holds no trace (budget "
+                                  f"{params.budget}); raise the fraction")
             for seed_label, train_seed in _train_seeds(params, seed, trains=True):
                 stem = label if seed is not None or seed_label is None else f"{label}-seed{seed_label}"
                 run = {"name": stem if method == "full" else f"{stem}-{select_stage.fraction_subset_name(fraction)}",

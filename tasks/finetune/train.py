@@ -73,7 +73,8 @@ def resolve_precision(name: str | None, device: str) -> str:
         return name
     if device.startswith("cuda"):
         return "bf16"
-    return "bf16" if name == "auto" and torch.cpu._is_amx_tile_supported() else "fp32"
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()  # private in torch 2.13: may go
+    return "bf16" if name == "auto" and has_amx else "fp32"
 
 
 def autocast(device: str, precision: str | None = None):
@@ -305,6 +306,8 @@ def training_schedule(examples: list[Example], params) -> list[list[list[int]]]:
     """The batches of each epoch; with params.steps (finetune_eval.steps), epochs reshuffled until exactly that many
     steps, so every subset of one budget gets the same number of updates whatever its token count."""
     steps = getattr(params, "steps", None)
+    if not examples:
+        raise ValueError("fine-tune: no examples to train on")
     if steps is None:
         return [epoch_batches(examples, params, epoch) for epoch in range(params.epochs)]
     schedule, taken = [], 0

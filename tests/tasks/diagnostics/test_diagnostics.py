@@ -83,14 +83,29 @@ def test_bad_step_ranks_of_step_level_scorers(inputs):
     assert "| grace_proxy | wrong_step_result | 1 | 0.000 | 1.000 |" in text
 
 
-def test_step_loss_is_the_bad_step_baseline(inputs):
-    """The step loss ranks steps too: here every span has loss sum 1, so the step with the most tokens has the
-    lowest mean loss, i.e. the highest step score; x1's steps are equal (2 tokens each): ties count one half."""
-    bad = run(inputs)["step_loss"]["bad_step"]
-    assert bad["n"] == 2 and bad["skipped_n_steps_mismatch"] == 1
-    assert bad["by_corruption"]["wrong_step_result"]["mean_normalised_rank"] == 0.5  # x1: one token per step, all tied
-    text = (inputs / "diagnostics" / "diagnostics.md").read_text()
-    assert "| step loss (minus the step's mean token loss) | wrong_step_result | 1 | 0.500 |" in text
+def test_step_loss_is_the_bad_step_baseline(tmp_path):
+    """The step loss ranks steps: a bad step with the highest mean token loss is the lowest scored (rank 0); one
+    with the lowest loss, the highest (rank 1). Per-token, not per-span: a long step with a larger loss sum but a
+    lower mean is not suspect."""
+    rows = [  # (token counts, loss sums) per span: steps..., answer
+        extract_row("x1", np.array([E1, E1, E1, E1]), token_counts=[2, 2, 2, 1], loss_sums=[1.0, 6.0, 1.0, 1.0]),
+        extract_row("x2", np.array([E1, E1, E1]), token_counts=[10, 1, 1], loss_sums=[5.0, 2.0, 1.0]),
+        extract_row("c1", np.array([E1, E1, E1]), token_counts=[2, 2, 1], loss_sums=[1.0, 1.0, 1.0])]
+    write_extract(tmp_path / "extract", rows)
+    write_parquet(tmp_path / "losses.parquet", pa.Table.from_pylist(
+        [{"id": i, "n_tokens": 1, "loss_sum": 1.0, "mean_loss": 1.0} for i in ("x1", "x2", "c1")],
+        schema=UNCONDITIONAL_SCHEMA))
+    labels = [{"id": "x1", "corrupted": True, "corruption": "wrong_step_result", "bad_step": 1, "n_steps": 3},
+              {"id": "x2", "corrupted": True, "corruption": "irrelevant_step", "bad_step": 0, "n_steps": 2},
+              {"id": "c1", "corrupted": False, "corruption": None, "bad_step": None, "n_steps": 2}]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(label) + "\n" for label in labels))
+    (tmp_path / "params.yaml").write_text("diagnostics:\n  fractions: [0.5]\n")
+    bad = run(tmp_path)["step_loss"]["bad_step"]
+    # x1: step 1 has mean loss 3 against 0.5 and 0.5: the lowest score; x2: step 0 has mean 0.5 against 2: the highest
+    assert bad["by_corruption"]["wrong_step_result"] == {"n": 1, "mean_normalised_rank": 0.0, "fraction_lowest": 1.0}
+    assert bad["by_corruption"]["irrelevant_step"] == {"n": 1, "mean_normalised_rank": 1.0, "fraction_lowest": 0.0}
+    text = (tmp_path / "diagnostics" / "diagnostics.md").read_text()
+    assert "| step loss (minus the step's mean token loss) | wrong_step_result | 1 | 0.000 | 1.000 |" in text
 
 
 def test_an_unlabelled_trace_is_refused(inputs):

@@ -116,3 +116,22 @@ def test_evenly_spaced_keeps_every_part_of_the_list():
     assert evaluate.evenly_spaced(list(range(10)), 3) == [0, 3, 6]
     assert evaluate.evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7]
     assert evaluate.evenly_spaced([1, 2], None) == [1, 2] and evaluate.evenly_spaced([1, 2], 5) == [1, 2]
+
+
+Q = "Start with 34. Then add 9, then add 8, then subtract 12. What is the final number?"
+
+
+@pytest.mark.parametrize("generation, expected", [
+    ("34 + 9 = 43\n43 + 8 = 51\n51 - 12 = 39\nThe answer is 39.", (3, 3)),  # right and chained
+    ("34 + 9 = 43\n43 + 8 = 52\n52 - 12 = 40\nThe answer is 40.", (3, 2)),  # one wrong result; the next chains on
+    ("34 + 9 = 43\n51 - 12 = 39\nThe answer is 39.", (2, 1)),  # a skipped step: 51 was never written
+    ("34 + 9 = 43\nNote this.\n43 + 8 = 51", (3, 2)),  # prose is a step, not good; the chain goes on
+    ("34 + 9 + 8 = 51\n51 - 12 = 39", (2, 2)),  # merged operations are arithmetic all the same
+    ("35 + 9 = 44", (1, 0)),  # the first step starts from no number of the question
+    ("34 - -3 + 2 = 39", (1, 1)),  # a negative operand is an operand, not an operator
+    ("34 + 9 = 43\nThe answer is 43.\n43 + 8 = 51", (1, 1)),  # after the answer line nothing counts
+    ("The answer is 39.", (0, 0)),
+    ("34 x 2 = 68\n68 / 4 = 17", (2, 2)),
+])
+def test_arithmetic_steps_counts_right_and_chained_steps(generation, expected):
+    assert evaluate.arithmetic_steps(generation, Q) == expected

@@ -89,3 +89,27 @@ def test_report_writes_results_metrics_and_plot(tmp_path):
     gold = (tmp_path / "out" / "plots" / "gold_loss_vs_budget.csv").read_text().splitlines()
     assert gold[0] == "budget_pct,grace,random" and len(gold) == 5
     assert gold == plot_csv(summarize(RECORDS), ("grace", "random"), "gold_loss").splitlines()
+
+
+@pytest.mark.parametrize("anti, verdict", [([2, 3, 2], "Calibration gates: all PASS"),
+                                           ([9, 9, 10], "Calibration gates: FAIL")])
+def test_the_table_states_its_gates_and_each_rows_gap_recovered(tmp_path, anti, verdict):
+    from tests.tasks.finetune.test_calibration import CALIBRATED, table_of
+
+    records = [{**r, "n_train": 10, "n_train_tokens": 100, "train": {"steps": 3, "seconds": 1.0},
+                "eval": {**r["eval"], "gold_loss": 1.0, "answer_rate": 1.0, "n_problems": 20,
+                         "n_accuracy_problems": 20, "seconds": 1.0}}
+               for r in table_of({**CALIBRATED, ("anti-oracle", 0.2): anti})]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for record in records:
+        (runs / f"{record['name']}.json").write_text(json.dumps(record))
+    (runs / "index.json").write_text(json.dumps({"runs": [r["name"] for r in records], "trained": 1,
+                                                 "from_cache": 0, "device": "cpu", "seconds": 1.0}))
+    report(runs, tmp_path / "out", Params(methods=("grace", "random", "length")))
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert verdict in text and "- G1  20%: PASS  oracle 75.0 - random 45.0 = 30.0 points" in text
+    grace_row = next(line for line in text.splitlines() if line.startswith("| grace (3 seeds) | 20% |"))
+    assert "+0.44 [" in grace_row  # (35 - 27) / (45 - 27) of the 60 answers, with its interval
+    gates = json.loads((tmp_path / "out" / "metrics.json").read_text())["gates"]
+    assert gates["G1_20%"] and gates["G4_20%"] == (anti == [2, 3, 2])

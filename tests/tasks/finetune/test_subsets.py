@@ -105,6 +105,11 @@ def test_run_key_changes_with_what_the_numbers_depend_on():
                     run_key(pool, problems, params, "model-1", "cuda", patterns),
                     run_key(pool, problems, params, "model-1", "cpu", ("boxed",))):
         assert changed != key
+    assert key != run_key(pool, problems, dataclasses.replace(params, seed=1), "model-1", "cpu", patterns)  # a run's
+    # own training seed; repeats and the calibration settings only decide which runs exist
+    assert key == run_key(pool, problems, dataclasses.replace(params, repeats=3, calibration=False, budget="tokens",
+                                                              dose_shares=()), "model-1", "cpu", patterns)
+    assert key != run_key(pool, problems, dataclasses.replace(params, steps=50), "model-1", "cpu", patterns)
     base = run_key(None, problems, params, "model-1", "cpu", patterns)
     assert base == run_key(None, problems, dataclasses.replace(params, learning_rate=0.1), "model-1", "cpu", patterns)
     assert base != run_key(None, problems, dataclasses.replace(params, max_new_tokens=7), "model-1", "cpu", patterns)

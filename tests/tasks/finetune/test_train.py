@@ -110,3 +110,28 @@ def test_training_is_deterministic(tiny_model_dir, tokenizer):
     other = dataclasses.replace(params, seed=1)
     assert train.train(train.load_model(tiny_model_dir, "cpu"), toy_examples(tokenizer), other,
                           tokenizer.pad_token_id)[1]["losses"] != logs[0]
+
+
+def test_a_fixed_number_of_steps_cycles_reshuffled_epochs():
+    """finetune_eval.steps: every subset gets exactly that many optimizer steps, whatever its size."""
+    examples = [train.Example(tuple(range(10 + i)), 3, False) for i in range(6)]
+    params = Params(batch_tokens=32, steps=7)
+    schedule = train.training_schedule(examples, params)
+    assert sum(len(epoch) for epoch in schedule) == 7 and len(schedule) > 1
+    assert sorted(i for batch in schedule[0] for i in batch) == list(range(6))  # whole epochs before the cut
+    assert schedule[0] != schedule[1]  # each epoch its own seeded order
+    assert [len(e) for e in train.training_schedule(examples, dataclasses.replace(params, steps=None, epochs=2))] \
+        == [len(schedule[0])] * 2
+    with pytest.raises(ValueError, match="no examples"):
+        train.training_schedule([], params)
+
+
+def test_precision_auto_is_bf16_on_cuda_and_on_amx_cpus_only(monkeypatch):
+    assert train.resolve_precision("fp32", "cuda") == "fp32" and train.resolve_precision("bf16", "cpu") == "bf16"
+    assert train.resolve_precision(None, "cuda") == "bf16" and train.resolve_precision("auto", "cuda:1") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.resolve_precision("auto", "cpu") == "bf16" and train.resolve_precision(None, "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the private probe: fp32
+    assert train.resolve_precision("auto", "cpu") == "fp32"
