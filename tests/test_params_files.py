@@ -12,14 +12,21 @@ CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("data", "lab
            ("model", "source")}
 
 
-def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():
+def differing_keys(name: str) -> tuple[dict, set[tuple[str, str]]]:
+    """A params file beside params.yaml: its content and the (section, key) pairs whose values differ; the two
+    files must hold the same sections and keys."""
     base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    charts = yaml.safe_load((REPO / "params.mm_charts.yaml").read_text(encoding="utf-8"))
-    assert base.keys() == charts.keys()
+    other = yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
+    assert base.keys() == other.keys()
     differing = set()
     for section, values in base.items():
-        assert values.keys() == charts[section].keys(), section
-        differing |= {(section, key) for key, value in values.items() if charts[section][key] != value}
+        assert values.keys() == other[section].keys(), section
+        differing |= {(section, key) for key, value in values.items() if other[section][key] != value}
+    return other, differing
+
+
+def test_the_multimodal_params_file_differs_from_params_yaml_only_in_its_keys():
+    charts, differing = differing_keys("params.mm_charts.yaml")
     assert differing == CHANGED
     assert charts["ingest"]["image_root"] == charts["data"]["images"] == "data/mm_charts"
     pool = REPO / charts["data"]["pool"]
@@ -34,13 +41,7 @@ ARITH_CHANGED = {("data", "pool"), ("data", "test"), ("data", "labels"), ("extra
 
 
 def test_the_testbed_params_file_differs_from_params_yaml_only_in_its_keys():
-    base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    testbed = yaml.safe_load((REPO / "params.arith_chains.yaml").read_text(encoding="utf-8"))
-    assert base.keys() == testbed.keys()
-    differing = set()
-    for section, values in base.items():
-        assert values.keys() == testbed[section].keys(), section
-        differing |= {(section, key) for key, value in values.items() if testbed[section][key] != value}
+    testbed, differing = differing_keys("params.arith_chains.yaml")
     assert differing == ARITH_CHANGED
     for key in ("pool", "test", "labels"):
         assert (REPO / testbed["data"][key]).is_file()
