@@ -32,15 +32,19 @@ from pathlib import Path
 
 from tasks.core.artifacts import pack_batches
 from tasks.curate.vlm import is_vlm_dir
-from tasks.finetune.train import Example, collate, decoder_layers, trunk_end
+from tasks.finetune.train import (Example, autocast, collate, decoder_layers, evaluation_precision, resolve_precision,
+                                  trunk_end)
 
 
 @torch.inference_mode()
-def trunk_states(model, examples, end: int, batch_tokens: int) -> list[torch.Tensor]:
-    """Per example: the (T, d) output of embeddings + layers[:end], the input of the top layers."""
+def trunk_states(model, examples, end: int, batch_tokens: int, precision: str | None = None) -> list[torch.Tensor]:
+    """Per example: the (T, d) output of embeddings + layers[:end], the input of the top layers.
+
+    Under the training's own precision: with bf16 autocast the trunk the steps would have run is a bf16 one,
+    and fp32 states would train a (slightly) different model than the plain forward does."""
     device = str(next(model.parameters()).device)
     states: list[torch.Tensor | None] = [None] * len(examples)
-    with decoder_layers(model, 0, end, final_norm=False):
+    with decoder_layers(model, 0, end, final_norm=False), autocast(device, precision):
         for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
             batch = collate([examples[i] for i in indices], 0, device)
             hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -51,13 +55,19 @@ def trunk_states(model, examples, end: int, batch_tokens: int) -> list[torch.Ten
 
 
 @torch.inference_mode()
-def split_matches(model, examples, states: list[torch.Tensor], end: int, pad_id: int, atol: float = 1e-4) -> bool:
-    """Does trunk state -> top layers give the full forward's final hidden states on these examples?"""
+def split_matches(model, examples, states: list[torch.Tensor], end: int, pad_id: int,
+                  precision: str | None = None) -> bool:
+    """Does trunk state -> top layers give the full forward's final hidden states on these examples?
+
+    Tolerance: 1e-4 in fp32; in bf16 (8-bit mantissa, rounding differs with the batch's shape) 5e-2, still far
+    below what states from a wrong layer miss by (order 1)."""
     device = str(next(model.parameters()).device)
+    atol = 5e-2 if resolve_precision(precision, device) == "bf16" else 1e-4
     batch = collate(examples, pad_id, device, states)
-    full = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    with autocast(device, precision):
+        full = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).last_hidden_state  # (B, T, d)
-    with decoder_layers(model, end):
+    with decoder_layers(model, end), autocast(device, precision):
         split = model.get_decoder()(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                                     use_cache=False).last_hidden_state  # (B, T, d)
     real = batch["attention_mask"].bool()  # (B, T): padded positions are never scored
@@ -85,9 +95,12 @@ def prepare(model, pool: dict[str, Example], test: list[Example], params, pad_id
     end = trunk_end(model, params)
     if end is None:
         return None
-    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens)
-    test_states = trunk_states(model, test, end, params.batch_tokens)
-    probe, probe_states = (list(pool.values()) + test)[:4], (pool_states + test_states)[:4]
-    if not split_matches(model, probe, probe_states, end, pad_id):
-        return None
+    device = str(next(model.parameters()).device)
+    precision = getattr(params, "precision", None)
+    evaluation = evaluation_precision(precision, device)  # the test states feed evaluation, not training
+    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens, precision)
+    test_states = trunk_states(model, test, end, params.batch_tokens, evaluation)
+    for examples, states, used in ((list(pool.values()), pool_states, precision), (test, test_states, evaluation)):
+        if examples and not split_matches(model, examples[:4], states[:4], end, pad_id, used):
+            return None
     return TrunkCache(end, dict(zip(pool, pool_states)), test_states)

@@ -13,7 +13,9 @@ from tasks.finetune.subsets import Params
 
 TOY = [([{"role": "user", "content": f"What is {a} plus {b}?"}], f"{a}+{b} = {a + b}\n#### {a + b}")
        for a, b in [(1, 2), (3, 4), (15, 6), (7, 28), (9, 9)]]
-PARAMS = Params(lora_layers=1, lora_r=4, learning_rate=1e-2, epochs=2, batch_tokens=128, device="cpu")
+# fp32: the split forward is exact there; bf16 (precision auto on an AMX CPU) rounds by the batch's shape
+PARAMS = Params(lora_layers=1, lora_r=4, learning_rate=1e-2, epochs=2, batch_tokens=128, device="cpu",
+                precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,22 @@ def test_training_on_trunk_states_matches_training_on_tokens(tiny_model_dir, tok
     with_trunk = evaluate.gold_nll(cut, examples[:2], tokenizer.pad_token_id, 128, (cache.end, cache.test))
     without = evaluate.gold_nll(cut, examples[:2], tokenizer.pad_token_id, 128)
     assert with_trunk[1] == without[1] and with_trunk[0] == pytest.approx(without[0], abs=1e-4)
+
+
+def test_under_bf16_the_trunk_states_are_the_bf16_trunk_training_would_run(tiny_model_dir, tokenizer, examples):
+    bf16 = dataclasses.replace(PARAMS, precision="bf16")
+    base = train.load_model(tiny_model_dir, "cpu")
+    cache = trunk.prepare(base, {str(i): e for i, e in enumerate(examples)}, examples[:2], bf16, tokenizer.pad_token_id)
+    assert cache is not None  # the split check holds at bf16's own tolerance
+    fp32_states = trunk.trunk_states(base, examples, 1, 128)
+    bf16_states = trunk.trunk_states(base, examples, 1, 128, "bf16")
+    assert not all(torch.equal(a, b) for a, b in zip(fp32_states, bf16_states))  # bf16 really ran
+    assert all(torch.equal(cache.pool[str(i)], bf16_states[i]) for i in range(len(examples)))
+    assert all(torch.equal(cache.test[i], fp32_states[i]) for i in range(2))  # evaluation on a CPU is fp32
+    _, plain_log = train.train(train.load_model(tiny_model_dir, "cpu"), examples, bf16, tokenizer.pad_token_id)
+    _, cut_log = train.train(train.load_model(tiny_model_dir, "cpu"), examples, bf16, tokenizer.pad_token_id,
+                             states=[cache.pool[str(i)] for i in range(len(examples))])
+    assert cut_log["losses"] == pytest.approx(plain_log["losses"], abs=2e-2)
 
 
 def test_split_forward_check_catches_states_that_are_not_the_trunk(tiny_model_dir, tokenizer, examples):
