@@ -126,12 +126,15 @@ def run_checkpoint(suites: list, staging: Path, docs_dir: Path | None) -> dict[s
 
 def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     """Check every artifact under `outputs`; write results.json and Data Docs; raise on failure."""
-    from tasks.curate.expectations import build_suites  # imports great-expectations
+    from tasks.curate.expectations import ArtifactUnreadable, build_suites  # imports great-expectations
 
-    suites = build_suites(outputs)
     docs_dir = out_dir / "data_docs" if params.data_docs else None
     if docs_dir is not None:
         shutil.rmtree(docs_dir, ignore_errors=True)  # pages of earlier runs would linger unlinked
+    try:
+        suites = build_suites(outputs)
+    except ArtifactUnreadable as error:  # a truncated or missing artifact is a failed check, not a crash
+        return _finish(unreadable_report(str(error)), out_dir, params)
     with tempfile.TemporaryDirectory(prefix="grace-validate-") as staging:
         results = run_checkpoint(suites, Path(staging), docs_dir)
     if docs_dir is not None and not (docs_dir / "index.html").is_file():
@@ -151,6 +154,19 @@ def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     report["n_expectations"] = sum(s["n_expectations"] for s in report["suites"].values())
     report["n_failed"] = sum(s["n_failed"] for s in report["suites"].values())
     report["success"] = report["n_failed"] == 0
+    return _finish(report, out_dir, params)
+
+
+def unreadable_report(error: str) -> dict[str, Any]:
+    """results.json for outputs validate could not read: one failed check naming the artifact, in the
+    usual layout (the flow's summary and `grace diff` read it as any failure), plus `error`."""
+    failed = [{"expectation": "artifact_readable", "column": None, "observed": {"error": error}}]
+    return {"suites": {"artifacts": {"success": False, "n_expectations": 1, "n_failed": 1, "failed": failed}},
+            "n_suites": 1, "n_expectations": 1, "n_failed": 1, "success": False, "error": error}
+
+
+def _finish(report: dict[str, Any], out_dir: Path, params: Params) -> dict[str, Any]:
+    """Write results.json and metrics.json, log the outcome, raise on failure when fail_on_error."""
     write_json(out_dir / "results.json", report)
     write_json(out_dir / "metrics.json", {key: report[key] for key in ("n_expectations", "n_failed")})
     stage_logger("validate").log(logging.INFO if report["success"] else logging.ERROR,
