@@ -3,8 +3,10 @@
     python -m tasks.curate.validate --outputs outputs --out-dir outputs/validate
 
 The suites (tasks/curate/expectations.py) check schemas, nulls, cosine ranges, unique ids, that counts
-reconcile across stages, that subsets match their manifest and fraction, and that every selected
-id exists upstream. They run as one great-expectations Checkpoint in an in-memory context (no
+reconcile across stages, that subsets match their manifest and select's own rule (whatever its options),
+that every selected id exists upstream, and recompute what is cheap (content hashes, span bounds, step and
+sample scores, the ranking's scores). An artifact that cannot be read (missing, truncated) is one failed
+check in results.json, not a crash. They run as one great-expectations Checkpoint in an in-memory context (no
 project directory, analytics off), whose UpdateDataDocsAction writes Data Docs to
 out_dir/data_docs. results.json holds the outcome per suite; a failure raises when fail_on_error.
 """
