@@ -50,7 +50,7 @@ import tasks.curate.segment
 import tasks.curate.select
 import tasks.curate.unconditional
 import tasks.curate.validate
-from tasks.core.stage import ParamsError, StageInputError
+from tasks.core.stage import ParamsError, StageInputError, output_lock
 from tasks.curate.extract import ShardRun, ShardSpec
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
@@ -231,10 +231,11 @@ def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
 @flow(name="extract-sharded")
 def extract_sharded(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Extract shard by shard, one mapped task per shard on the flow's task runner."""
-    specs = plan_shards_task(segments, model, params_path)
-    runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
-                                  unmapped(params_path)).result()
-    return finalize_task(out_dir, specs, runs)
+    with output_lock(out_dir):  # held here, in the flow's process: the workers write only their own shards
+        specs = plan_shards_task(segments, model, params_path)
+        runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
+                                      unmapped(params_path)).result()
+        return finalize_task(out_dir, specs, runs)
 
 
 def visible_gpus(device: str) -> list[str]:

@@ -49,7 +49,7 @@ from tasks.core.artifacts import pack_batches
 from tasks.core.progress import Progress, show_progress
 from tasks.core.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, module_logger,
-                              params_section, write_json, write_parquet)
+                              output_lock, params_section, remove_stale_staging, write_json, write_parquet)
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
 from tasks.curate.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.curate.spans import EncodedTrace, SpanError, trace_spans
@@ -477,6 +477,9 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
     for stale in shards.glob("*part-*"):
         if stale.name.startswith(".") or stale.name.split(".")[0] not in planned:
             stale.unlink()  # an interrupted write's temp file, or a shard of an earlier, longer plan
+    # a killed run's temp copies of the summaries (finalize runs only under the output's lock: extract, or the
+    # flow's extract_sharded)
+    remove_stale_staging(out_dir, ["stats.json", "quarantine.jsonl", "metrics.json"])
     ledger = StageLedger("extract")
     totals = {"loss_tokens": 0, "prompt_tokens_truncated": 0}
     for spec in specs:
@@ -504,6 +507,11 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
 
 def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
+    with output_lock(out_dir):  # one writer per folder: shards of two runs must never mix
+        return _extract(segments, model, out_dir, params)
+
+
+def _extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     specs = plan_shards(segments, params, model)
     if not specs:
         raise StageInputError(f"extract: {segments} holds no traces")

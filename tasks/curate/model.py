@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.core.stage import ParamsError, Stage, module_logger, params_section
+from tasks.core.stage import ParamsError, Stage, module_logger, output_lock, params_section, remove_stale_staging
 
 log = module_logger(__name__)
 
@@ -150,9 +150,14 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 def resolve_model(out_dir: Path, params: Params) -> dict:
     """Resolve params.source into out_dir: safetensors weights, fast tokenizer, model_info.json."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir):  # one writer; then a killed run's staging copy (a whole model) is removed
+        remove_stale_staging(out_dir.parent, [out_dir.name])
+        return _resolve_model(out_dir, params)
+
+
+def _resolve_model(out_dir: Path, params: Params) -> dict:
     load_kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp") as tmp:
         vision = False
         if params.source == GGUF_WHEEL:
             from transformers import GgufConfig

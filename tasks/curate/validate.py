@@ -22,7 +22,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, Stage, params_section, stage_logger, write_json
+from tasks.core.stage import (ParamsError, Stage, output_lock, params_section, remove_stale_staging, stage_logger,
+                              write_json)
 
 DOCS_SITE = "grace_outputs"
 
@@ -128,6 +129,12 @@ def run_checkpoint(suites: list, staging: Path, docs_dir: Path | None) -> dict[s
 
 def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     """Check every artifact under `outputs`; write results.json and Data Docs; raise on failure."""
+    with output_lock(out_dir):
+        remove_stale_staging(out_dir, ["results.json", "metrics.json"])  # a killed run's temp copies
+        return _validate(outputs, out_dir, params)
+
+
+def _validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     from tasks.curate.expectations import ArtifactUnreadable, build_suites  # imports great-expectations
 
     docs_dir = out_dir / "data_docs" if params.data_docs else None
