@@ -57,6 +57,9 @@ from tasks.curate.vlm import VLMProxyModel, is_vlm_dir
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
 log = module_logger(__name__)
+# Quarantines that depend on an image file's state now, not on the trace key (which holds the image's recorded
+# sha256): never cached, so restoring the file brings the trace back
+DISK_REASONS = ("image_missing", "image_changed", "image_unreadable")
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
@@ -431,7 +434,8 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: Progre
             outcome.update(reason=encoding.reason, detail=encoding.detail)
         else:
             outcome.update(_number_row(encoding, numbers[i]))
-        fresh.append(outcome)
+        if outcome["reason"] not in DISK_REASONS:
+            fresh.append(outcome)
         outcomes[keys[i]] = outcome
     if params.cache_dir:
         _pack_cache(params.cache_dir).put(spec.fingerprint, fresh)

@@ -25,7 +25,9 @@ Refused before anything is opened (issue 22): a path that leaves image_root once
 resolved (image_outside_root: ingest never reads /etc/passwd), a path the file system cannot hold (a NUL
 byte, a name too long: image_path_invalid), embedded bytes that are not bytes (wrong_type). Refused from the
 header alone, before decoding: more than ingest.max_image_pixels pixels (image_too_large; a decompression
-bomb claims 20000x20000 in a few hundred bytes).
+bomb claims 20000x20000 in a few hundred bytes). An image in the response (the assistant turn) is refused:
+image_in_response. Readers check the bytes against the recorded sha256 (verified_images): a file changed
+since ingest is image_changed, one that no longer opens image_unreadable.
 """
 
 from __future__ import annotations
@@ -128,6 +130,31 @@ def image_file(recorded: str) -> Path:
     A relative path is read against the working directory: the stage's, the same checkout that ingest
     ran in (a remote Dask worker must be started from the repository root too)."""
     return Path(recorded)
+
+
+def verified_images(prompt_messages: str | list[dict]) -> list:
+    """The RGB images of a trace's prompt, each checked against the sha256 ingest recorded; raises ImageRejected:
+    image_missing, image_changed (its bytes differ: numbers computed now would be cached under the old
+    image's trace key), image_unreadable."""
+    from PIL import Image
+
+    messages = json.loads(prompt_messages) if isinstance(prompt_messages, str) else prompt_messages
+    loaded = []
+    for part in (part for message in messages if isinstance(message["content"], list)
+                 for part in message["content"] if part["type"] == "image"):
+        try:
+            data = image_file(part["image"]).read_bytes()
+        except OSError as err:
+            raise ImageRejected("image_missing", f"image {part['image']}: {err.strerror}") from None
+        if part.get("sha256") and hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise ImageRejected("image_changed", f"image {part['image']} changed since ingest (sha256 "
+                                f"{part['sha256'][:12]}... recorded); run ingest again")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                loaded.append(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ImageRejected("image_unreadable", f"image {part['image']} no longer opens: {err}") from None
+    return loaded
 
 
 class ImageStore:

@@ -242,6 +242,9 @@ def _multimodal_trace(record: dict, params: Params, response: str | None, store:
     """A record with images: its text mapped as any record's, then the images placed in its prompt turns."""
     flat, sources = images.flatten(record, params.messages_field)
     trace = _text_trace(flat, params, response)
+    if images.PLACEHOLDER in trace["response"]:  # images are context: one in the scored turn has no place there
+        raise images.ImageRejected("image_in_response", f"the response holds {images.PLACEHOLDER} (an image in the "
+                                   "assistant turn); only prompt turns may hold images")
     store = store or images.ImageStore(Path(params.image_root), max_pixels=params.max_image_pixels)
     prompt = images.place(json.loads(trace["prompt_messages"]), sources, store)
     prompt_json = json.dumps(prompt, ensure_ascii=False)

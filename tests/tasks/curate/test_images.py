@@ -280,3 +280,15 @@ def test_max_image_pixels_caps_decoded_pixels(tmp_path):
 
     with pytest.raises(ParamsError, match="ingest.max_image_pixels"):
         params_from_dict(Params, "ingest", {"max_image_pixels": 0})
+
+
+def test_an_image_in_the_response_is_quarantined_not_moved(tmp_path):
+    """An image part in the assistant turn was moved into the user turn, leaving "<image>" in the response."""
+    write_png(tmp_path / "a.png")
+    rows = [{"id": "in-answer", "messages": [
+        {"role": "user", "content": "How tall is the bar?"},
+        {"role": "assistant", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": RESPONSE}]}]},
+        {"id": "fine", "image": "a.png", "question": "Q?", "response": RESPONSE}]
+    traces, quarantine, _ = run(tmp_path, rows)
+    assert [t["id"] for t in traces] == ["fine"]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("in-answer", "image_in_response")]
