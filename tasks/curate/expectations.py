@@ -327,7 +327,8 @@ def recomputed_hashes(tables: dict[str, pa.Table]) -> pa.Table:
                                                table["response"]):
             digest = content_hash(prompt, response) if isinstance(prompt, str) and isinstance(response, str) else None
             rows.append({"artifact": name, "id": i, "stored": stored, "recomputed": digest})
-            of_segment[i] = digest if name == "segment_segments" else of_segment.get(i)
+            if name == "segment_segments":
+                of_segment[i] = digest
     extract = tables["extract"].select(["id", "content_hash"]).to_pydict()
     rows += [{"artifact": "extract", "id": i, "stored": stored, "recomputed": of_segment.get(i)}
              for i, stored in zip(extract["id"], extract["content_hash"])]

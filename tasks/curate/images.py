@@ -164,8 +164,8 @@ class ImageStore:
                  max_pixels: int | None = None) -> None:
         # embed_dir: where embedded bytes are written now; published_dir: where they will be read from, which
         # differs while ingest writes into atomic_outputs' staging copy of its directory
-        self.root, self.embed_dir, self.max_pixels = Path(root), embed_dir, max_pixels
-        self.real_root = Path(os.path.realpath(os.path.expanduser(root)))  # every file read must lie under it
+        self.root, self.embed_dir, self.max_pixels = Path(root).expanduser(), embed_dir, max_pixels
+        self.real_root = Path(os.path.realpath(self.root))  # every file read must lie under it
         self.published_dir = published_dir if published_dir is not None else embed_dir
         if embed_dir is not None:
             # made even when no image is embedded (a text pool): dvc.yaml declares it an out of ingest, and

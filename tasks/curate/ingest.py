@@ -275,6 +275,12 @@ def _text_trace(record: dict, params: Params, response: str | None = None) -> di
         found = extract_final_answer(response, params.answer_patterns)
     if found is None:  # kept: segment's answer_fallback places its answer span, or quarantines it
         found = ("", "none")
+    options = record.get(params.options_field) if params.options_field is not None else None
+    if options is not None and len(found[0]) == 1 and found[0] in OPTION_LETTERS:
+        letters = list(options) if isinstance(options, dict) else list(OPTION_LETTERS[:len(options)])
+        if found[0] not in letters:  # _question has checked the options' shape
+            raise Rejected("answer_not_in_options", f"answer {found[0]!r} ({found[1]}) is not one of the options "
+                                                    f"{letters}")
     prompt_json = json.dumps(prompt, ensure_ascii=False)
     digest = content_hash(prompt_json, response)
     return {
