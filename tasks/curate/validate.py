@@ -22,8 +22,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import (ParamsError, Stage, output_lock, params_section, remove_stale_staging, stage_logger,
-                              write_json)
+from tasks.core.stage import (ParamsError, Stage, StageInputError, output_lock, params_section, remove_stale_staging,
+                              stage_logger, write_json)
 
 DOCS_SITE = "grace_outputs"
 
@@ -41,6 +41,11 @@ class Params:
 
 class ExpectationsFailed(RuntimeError):
     """At least one expectation failed; the message lists each one."""
+
+
+class OutputsUnreadable(ExpectationsFailed, StageInputError):
+    """An artifact could not be read: a failed result in results.json, like any failed expectation (the flow
+    reads it back), and an input the stage cannot run on (the command line prints its one line, exit 2)."""
 
 
 def plain(value: Any) -> Any:
@@ -143,7 +148,11 @@ def _validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     try:
         suites = build_suites(outputs)
     except ArtifactUnreadable as error:  # a truncated or missing artifact is a failed check, not a crash
-        return _finish(unreadable_report(str(error)), out_dir, params)
+        report = _write(unreadable_report(" ".join(str(error).split())), out_dir)
+        if params.fail_on_error:  # its one line is the whole story: no count line before it
+            raise OutputsUnreadable(f"validate: {report['error']}") from None
+        stage_logger("validate").error("validate: %s", report["error"])
+        return report
     with tempfile.TemporaryDirectory(prefix="grace-validate-") as staging:
         results = run_checkpoint(suites, Path(staging), docs_dir)
     if docs_dir is not None and not (docs_dir / "index.html").is_file():
@@ -174,10 +183,16 @@ def unreadable_report(error: str) -> dict[str, Any]:
             "n_suites": 1, "n_expectations": 1, "n_failed": 1, "success": False, "error": error}
 
 
-def _finish(report: dict[str, Any], out_dir: Path, params: Params) -> dict[str, Any]:
-    """Write results.json and metrics.json, log the outcome, raise on failure when fail_on_error."""
+def _write(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """results.json and metrics.json (the DVC metrics file: counts only)."""
     write_json(out_dir / "results.json", report)
     write_json(out_dir / "metrics.json", {key: report[key] for key in ("n_expectations", "n_failed")})
+    return report
+
+
+def _finish(report: dict[str, Any], out_dir: Path, params: Params) -> dict[str, Any]:
+    """Write the report, log the outcome, raise on failure when fail_on_error."""
+    _write(report, out_dir)
     stage_logger("validate").log(logging.INFO if report["success"] else logging.ERROR,
                                  "validate: %d expectations in %d suites, %d failed",
                                  report["n_expectations"], report["n_suites"], report["n_failed"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.core.stage import write_json
+from tasks.core.stage import StageInputError, write_json
 from tasks.curate.validate import ExpectationsFailed, Params, validate
 from tests.tasks.curate.test_validate import build_outputs, rewrite
 
@@ -162,8 +162,9 @@ def test_a_truncated_artifact_is_a_failed_result_not_a_crash(outputs, tmp_path):
     path = outputs / "aggregate" / "sample_scores.parquet"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     out_dir = tmp_path / "v"
-    with pytest.raises(ExpectationsFailed, match="sample_scores.parquet"):
+    with pytest.raises(ExpectationsFailed, match="sample_scores.parquet") as failure:
         validate(outputs, out_dir, Params(data_docs=False))
+    assert isinstance(failure.value, StageInputError)  # on the command line: one line, exit 2
     results = json.loads((out_dir / "results.json").read_text())
     assert results["success"] is False and results["n_failed"] == 1
     (failure,) = results["suites"]["artifacts"]["failed"]
