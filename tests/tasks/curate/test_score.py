@@ -148,6 +148,7 @@ def test_projected_gradient_without_projected_extract_stops_with_one_line(tmp_pa
     """score.gradient: projected on an extract run without extract.projected: exit 2, one line naming both settings."""
     write_extract(tmp_path / "extract", [extract_row(i, v) for i, v in traces.items()])
     (tmp_path / "params.yaml").write_text("score:\n  gradient: projected\n")
+    capsys.readouterr()  # what writing the extract logged is not this command's
     with pytest.raises(SystemExit) as stopped:
         main(["--params", str(tmp_path / "params.yaml"), "--extract", str(tmp_path / "extract"),
               "--out-dir", str(tmp_path / "out")])
