@@ -50,7 +50,7 @@ import tasks.curate.segment
 import tasks.curate.select
 import tasks.curate.unconditional
 import tasks.curate.validate
-from tasks.core.stage import ParamsError, StageInputError
+from tasks.core.stage import ParamsError, StageInputError, output_lock
 from tasks.curate.extract import ShardRun, ShardSpec
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
@@ -231,10 +231,11 @@ def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
 @flow(name="extract-sharded")
 def extract_sharded(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
     """Extract shard by shard, one mapped task per shard on the flow's task runner."""
-    specs = plan_shards_task(segments, model, params_path)
-    runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
-                                  unmapped(params_path)).result()
-    return finalize_task(out_dir, specs, runs)
+    with output_lock(out_dir):  # held here, in the flow's process: the workers write only their own shards
+        specs = plan_shards_task(segments, model, params_path)
+        runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
+                                      unmapped(params_path)).result()
+        return finalize_task(out_dir, specs, runs)
 
 
 def visible_gpus(device: str) -> list[str]:
@@ -248,12 +249,18 @@ def visible_gpus(device: str) -> list[str]:
     return [name.strip() for name in listed.split(",")][:count] if listed else [str(i) for i in range(count)]
 
 
+# The scheduler and its dashboard listen on this machine only: Dask's own default dashboard address (":8787")
+# binds every interface, so anyone on the network could browse the run (issue 22). A remote cluster is
+# extract.scheduler_address, started by its owner with the exposure they choose.
+LOOPBACK = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787"}
+
+
 def gpu_cluster_kwargs(n_workers: int, gpus: list[str]) -> dict:
     """distributed.SpecCluster arguments: a local scheduler and single-threaded workers, worker i on gpus[i % len]."""
     workers = {f"gpu-worker-{i}": {"cls": "distributed.Nanny", "options": {
         "nthreads": 1, "host": "127.0.0.1", "env": {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}}}
         for i in range(n_workers)}  # the Nanny sets env before the worker process starts, so before CUDA does
-    return {"scheduler": {"cls": "distributed.Scheduler", "options": {"host": "127.0.0.1", "dashboard_address": ":0"}},
+    return {"scheduler": {"cls": "distributed.Scheduler", "options": dict(LOOPBACK)},
             "workers": workers}
 
 
@@ -279,7 +286,7 @@ def dask_task_runner(params: tasks.curate.extract.Params, gpus: list[str] | None
         return DaskTaskRunner(cluster_class="distributed.SpecCluster",
                               cluster_kwargs=gpu_cluster_kwargs(n_workers, gpus))
     # One thread per worker: torch already spreads one forward pass over the worker's cores.
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, **LOOPBACK})
 
 
 def _cell(value: Any) -> str:

@@ -10,6 +10,7 @@ holds only the code that decides its output.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,15 +20,29 @@ from tasks.core.schema import EXTRACT_SCHEMA, UNCONDITIONAL_SCHEMA
 from tasks.core.stage import StageInputError
 
 
-def read_extract(extract_dir: Path) -> pa.Table:
-    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id; refused unless finished.
+def extract_shards(extract_dir: Path) -> list[Path]:
+    """The shard files of a finished extract output, for every reader (score, aggregate, cluster).
 
     extract's finalize writes stats.json last and a shard write removes it first, so without it the
-    shards may be a run's first few.
+    shards may be a run's first few, or two runs' mixed; stats.json's shard count must match the files.
     """
-    if not (Path(extract_dir) / "stats.json").is_file():
+    stats_path = Path(extract_dir) / "stats.json"
+    if not stats_path.is_file():
         raise StageInputError(f"{extract_dir}: no stats.json, so extract did not finish there; run it again")
     parts = sorted((Path(extract_dir) / "shards").glob("part-*.parquet"))
+    try:
+        planned = json.loads(stats_path.read_text(encoding="utf-8")).get("shards")
+    except (ValueError, AttributeError):
+        raise StageInputError(f"{stats_path} is not a stats file; run extract again") from None
+    if planned is not None and planned != len(parts):
+        raise StageInputError(f"{extract_dir}: stats.json counts {planned} shards but shards/ holds {len(parts)}; "
+                              "another run wrote there, run extract again")
+    return parts
+
+
+def read_extract(extract_dir: Path) -> pa.Table:
+    """All shards of an extract output as one EXTRACT_SCHEMA table, sorted by id; refused unless finished."""
+    parts = extract_shards(extract_dir)
     table = pa.concat_tables([pq.read_table(part, schema=EXTRACT_SCHEMA) for part in parts]) if parts \
         else EXTRACT_SCHEMA.empty_table()
     return table.sort_by("id")

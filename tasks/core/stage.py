@@ -23,7 +23,9 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ import types
 import typing
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -93,6 +95,10 @@ class ParamsError(ValueError):
 
 class StageInputError(ValueError):
     """An input a stage cannot run on (unreadable, or nothing in it to keep); the message names path and reason."""
+
+
+class OutputLocked(StageInputError):
+    """Another run holds the lock of the stage output this one would write; the message names that run."""
 
 
 # strict: no coercion of "5" to 5 or "no" to True; forbid: an unknown key is an error; finite floats only
@@ -304,12 +310,79 @@ def write_json(path: str | os.PathLike, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Be the one writer of `out_dir` while inside: an exclusive flock on `<parent>/.<name>.lock`.
+
+    A second writer (another dvc repro, flow or shell on the same folder) stops at once with OutputLocked,
+    one line naming the holder, instead of both writing into one folder (mixed shards, a stats.json that
+    counts another run's files). The kernel drops an flock when its process dies, kill -9 included, so a
+    crash never leaves a stale lock (only the file, which the next holder takes over). The holder removes
+    the file when it is done; a writer that locked a file just removed sees its inode gone and tries again.
+    """
+    import fcntl
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent / f".{out_dir.name}.lock"
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputLocked(f"{out_dir} is being written by {holder}; wait for it to finish or stop it "
+                               "(two writers would mix their files)") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break  # the file at `path` is the one locked
+        handle.close()  # locked a file its holder had just removed
+    try:
+        handle.seek(0)
+        handle.truncate()
+        command = " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:160]
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})\n")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so no one takes over a file about to vanish
+        handle.close()
+
+
+def _staging_pattern(name: str) -> re.Pattern:
+    """The names tempfile gives a staging copy of `name`: `.<name>.` + 8 random characters + `.tmp`."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_staging(directory: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Remove what killed writes left in `directory`: for each of `names`, its atomic_outputs staging
+    directories and its atomic_write temp files (`.<name>.XXXXXXXX.tmp`). A live writer's staging looks
+    the same, so only the holder of the output's lock (output_lock) may call this. Returns what it removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    patterns = [_staging_pattern(name) for name in names]
+    removed = []
+    for entry in directory.iterdir():
+        if entry.name.startswith(".") and any(p.fullmatch(entry.name) for p in patterns):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)
+
+
 def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
     """Make a stage's `out_dir` appear whole or not at all: `core` writes into a fresh directory of
     the same name beside it, which replaces out_dir only once `core` has returned.
 
     A crash or a full disk midway leaves the earlier out_dir as it was (or, in the instant between
-    the two renames, no out_dir), never new files next to old ones.
+    the two renames, no out_dir), never new files next to old ones. The run holds out_dir's lock
+    (output_lock) throughout, and first removes the staging directories killed runs left beside it.
     """
     signature = inspect.signature(core)
 
@@ -317,19 +390,20 @@ def atomic_outputs(core: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         out_dir = Path(bound.arguments["out_dir"])
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        prefix, suffix = _staging_affixes(out_dir.name)
-        staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix, suffix=suffix))
-        try:
-            bound.arguments["out_dir"] = work = staging / out_dir.name  # the same name, for code that reads it
-            work.mkdir()
-            result = core(*bound.args, **bound.kwargs)
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(out_dir, staging / ".replaced")  # a directory cannot be renamed onto a full one
-            os.replace(work, out_dir)
-            return result
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with output_lock(out_dir):
+            remove_stale_staging(out_dir.parent, [out_dir.name])
+            prefix, suffix = _staging_affixes(out_dir.name)
+            staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=prefix, suffix=suffix))
+            try:
+                bound.arguments["out_dir"] = work = staging / out_dir.name  # the same name, for code that reads it
+                work.mkdir()
+                result = core(*bound.args, **bound.kwargs)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(out_dir, staging / ".replaced")  # a directory cannot be renamed onto a full one
+                os.replace(work, out_dir)
+                return result
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     return run
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.core.artifacts import extract_shards
 from tasks.core.schema import CLUSTER_SCHEMA
 from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 
@@ -103,7 +104,7 @@ def assign(embeddings: np.ndarray, ids: list[str], params: Params) -> tuple[np.n
 
 def read_embeddings(extract_dir: Path) -> tuple[list[str], np.ndarray]:
     """Every extracted trace's id and prompt embedding, sorted by id."""
-    parts = sorted((Path(extract_dir) / "shards").glob("part-*.parquet"))
+    parts = extract_shards(extract_dir)  # refused unless extract finished there
     if not parts:
         return [], np.zeros((0, 0), dtype=np.float32)
     table = pa.concat_tables([pq.read_table(part, columns=["id", "prompt_embedding"]) for part in parts]).sort_by("id")

@@ -4,12 +4,20 @@ A suite's table is an artifact as written, or a small table derived from several
 cross-stage checks (schemas, counts reconciling, subsets, ids upstream) show in Data Docs as well.
 Artifacts are read from their files directly (extract shard by shard), not through each stage's
 own reader, so a reader that casts or repairs cannot hide what is on disk.
+
+What is cheap to recompute is recomputed with the stages' own code, so an edited number shows even
+where every count agrees (issue 22): content hashes (schema.content_hash), span bounds (every span inside its
+scored response), step scores from alpha and consistency (score's lambda_), sample scores from step scores
+(aggregate's rule, score.method grace), the ranking's scores, and each subset from select's whole rule
+(select.choose: max_per_question, stratify_by and within_clusters included, as the manifest records them).
+An artifact that cannot be read raises ArtifactUnreadable, which validate writes as a failed result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +27,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.core.schema import (EXTRACT_SCHEMA, RANKING_SCHEMA, SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA,
-                               TRACE_SCHEMA)
+from tasks.core.schema import (CLUSTER_SCHEMA, EXTRACT_SCHEMA, RANKING_SCHEMA, SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA,
+                               STEP_SCORE_SCHEMA, TRACE_SCHEMA, content_hash)
 from tasks.curate import select as select_stage
+from tasks.curate.aggregate import grace_sample_scores
 
 # score clips cosines to [-1, 1], but lambda*alpha + (1-lambda)*c may still round a hair past 1.
 COSINE_TOLERANCE = 1e-9
-STAGES_WITH_STATS = ("ingest", "segment", "extract", "score", "aggregate")
+# a recomputed score against the stored one: the same float64 operations give the same bits; the slack only
+# absorbs summation order, far below any edit that could move a rank
+RECOMPUTE_TOLERANCE = 1e-9
+STAGES_WITH_STATS = ("ingest", "segment", "extract", "score", "cluster", "aggregate")
 STAGES_WITH_QUARANTINE = ("ingest", "segment", "extract")
 # (suite name, file under outputs/, schema, key columns that are unique per row)
 ARTIFACTS = (
@@ -34,7 +46,20 @@ ARTIFACTS = (
     ("score_step_scores", "score/step_scores.parquet", STEP_SCORE_SCHEMA, ["id", "step_index"]),
     ("aggregate_sample_scores", "aggregate/sample_scores.parquet", SAMPLE_SCORE_SCHEMA, ["id"]),
     ("select_ranking", "select/subsets/ranking.parquet", RANKING_SCHEMA, ["id"]),
+    ("cluster_clusters", "cluster/clusters.parquet", CLUSTER_SCHEMA, ["id"]),
 )
+
+
+class ArtifactUnreadable(ValueError):
+    """An artifact that is missing or cannot be parsed (a truncated Parquet file); the message names it."""
+
+
+def read_artifact(path: Path, read=None):
+    """pq.read_table (or `read`) of one artifact, its failure named by path."""
+    try:
+        return (read or pq.read_table)(path)
+    except (OSError, ValueError, pa.ArrowException) as error:  # ArrowInvalid is a ValueError; missing: OSError
+        raise ArtifactUnreadable(f"{path}: {type(error).__name__}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -81,7 +106,7 @@ def equal(column_a: str, column_b: str) -> gxe.Expectation:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_artifact(path, lambda p: json.loads(p.read_text(encoding="utf-8")))
 
 
 def jsonl_lines(text: str) -> list[str]:
@@ -91,7 +116,7 @@ def jsonl_lines(text: str) -> list[str]:
 
 
 def count_lines(path: Path) -> int:
-    return len(jsonl_lines(path.read_text(encoding="utf-8")))
+    return read_artifact(path, lambda p: len(jsonl_lines(p.read_text(encoding="utf-8"))))
 
 
 def reconcile_row(outputs: Path, tables: dict[str, pa.Table]) -> dict:
@@ -106,6 +131,7 @@ def reconcile_row(outputs: Path, tables: dict[str, pa.Table]) -> dict:
     for stage in STAGES_WITH_QUARANTINE:
         row[f"{stage}_quarantine_lines"] = count_lines(outputs / stage / "quarantine.jsonl")
     row.update(
+        clusters_rows=tables["cluster_clusters"].num_rows,
         traces_rows=tables["ingest_traces"].num_rows,
         segments_rows=tables["segment_segments"].num_rows,
         extract_rows=tables["extract"].num_rows,
@@ -127,6 +153,8 @@ RECONCILE_PAIRS = (
     ("segment_kept", "extract_read"),
     ("extract_kept", "extract_rows"),
     ("extract_kept", "score_read"),
+    ("extract_kept", "cluster_read"),
+    ("cluster_kept", "clusters_rows"),
     ("score_kept", "score_traces"),
     ("score_kept", "aggregate_read"),
     ("aggregate_kept", "sample_scores_rows"),
@@ -135,23 +163,27 @@ RECONCILE_PAIRS = (
 )
 
 
-def rule_ids(entry: dict, stratify_by: str | None, scores: dict[str, list], raw: dict[str, str]) -> list[str] | None:
-    """The ids select's rule gives for one manifest entry from the sample scores: the top k of the
-    ranking (of each stratum), in rank order. None where a stratum cannot be read (an id not upstream)."""
-    ids = scores["id"]
-    ranked = select_stage.rank_order(ids, scores["score"])
-    strata: dict[str, list[int]] = {"all": ranked}
-    if stratify_by is not None:
-        if any(ids[row] not in raw for row in ranked):
-            return None
-        strata = {}
-        for row in ranked:
-            strata.setdefault(select_stage.stratum_of(raw[ids[row]], stratify_by), []).append(row)
-    fraction, budget = entry.get("fraction"), entry.get("token_budget")
-    params = select_stage.Params(fractions=() if fraction is None else (float(fraction),), token_budget=budget)
-    [(_, rows)] = select_stage.pick_subsets(strata, scores["n_tokens"], params).values()
+def selection_rule(manifest: dict, scores: dict[str, list], segments: dict[str, list],
+                   cluster_of: dict[str, int]) -> tuple[dict[str, list[str]], int | None]:
+    """(subset name -> the ids select's rule gives, in rank order; how many traces the rule let compete),
+    with the options the manifest records (select.choose, the rule select itself ran). ({}, None) where the
+    rule cannot be applied: an option whose input is missing, or a manifest no Params can hold."""
+    entries = manifest.get("subsets", {}).values()
+    budgets = [e["token_budget"] for e in entries if e.get("token_budget") is not None]
+    try:
+        params = select_stage.Params(
+            fractions=tuple(e["fraction"] for e in entries if e.get("fraction") is not None),
+            token_budget=budgets[0] if budgets else None, stratify_by=manifest.get("stratify_by"),
+            within_clusters=manifest.get("within_clusters", False), max_per_question=manifest.get("max_per_question"))
+        question_of = {i: select_stage.question_key(p) for i, p in zip(segments["id"], segments["prompt_messages"])}
+        ranked, eligible, picks = select_stage.choose(
+            scores["id"], scores["score"], scores["n_tokens"], params, question_of=question_of,
+            raw_by_id=dict(zip(segments["id"], segments["raw"])), cluster_of=cluster_of)
+    except (ValueError, TypeError, KeyError):  # pydantic's ValidationError is a ValueError
+        return {}, None
     position = {row: p for p, row in enumerate(ranked)}
-    return [ids[row] for row in sorted(rows, key=position.__getitem__)]
+    return ({name: [scores["id"][row] for row in sorted(rows, key=position.__getitem__)]
+             for name, (_, rows) in picks.items()}, len(eligible))
 
 
 def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict], list[dict]]:
@@ -159,8 +191,10 @@ def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict],
     manifest = read_json(outputs / "select" / "manifest.json")
     scores = tables["aggregate_sample_scores"].to_pydict()
     tokens = dict(zip(scores["id"], scores["n_tokens"]))
-    segments = tables["segment_segments"].select(["id", "raw"]).to_pydict()
+    segments = tables["segment_segments"].select(["id", "raw", "prompt_messages"]).to_pydict()
     raw = dict(zip(segments["id"], segments["raw"]))
+    clusters = tables["cluster_clusters"].select(["id", "cluster"]).to_pydict()
+    rule, n_eligible = selection_rule(manifest, scores, segments, dict(zip(clusters["id"], clusters["cluster"])))
     n_scored = len(scores["id"])
     ranking = tables["select_ranking"].select(["id", "rank"]).to_pydict()
     rank_of = dict(zip(ranking["id"], ranking["rank"]))
@@ -173,7 +207,7 @@ def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict],
         fraction, budget = entry.get("fraction"), entry.get("token_budget")
         n_tokens = sum(tokens.get(i, 0) for i in ids)
         ranks = [rank_of.get(i) for i in ids]
-        expected = rule_ids(entry, manifest.get("stratify_by"), scores, raw)
+        expected = rule.get(name)
         subsets.append({
             "subset": name,
             "n_selected": entry.get("n_selected"),
@@ -183,7 +217,9 @@ def subset_rows(outputs: Path, tables: dict[str, pa.Table]) -> tuple[list[dict],
             "jsonl_matching_raw": sum(i in raw and rec == json.loads(raw[i]) for i, rec in zip(ids, records)),
             "manifest_n_total": entry.get("n_total"),
             "sample_scores_rows": n_scored,
-            "size_error": len(ids) - round(fraction * n_scored) if fraction is not None else None,
+            # against the traces the rule let compete: max_per_question leaves out a question's later responses
+            "size_error": len(ids) - select_stage.fraction_size(fraction, n_eligible)
+            if fraction is not None and n_eligible else None,
             "budget_left": budget - n_tokens if budget is not None else None,
             "manifest_n_tokens": entry.get("n_tokens"),
             "ids_n_tokens": n_tokens,
@@ -231,7 +267,7 @@ def read_extract_shards(outputs: Path) -> tuple[pa.Table, list[dict]]:
         raise FileNotFoundError(f"validate: no extract shards under {outputs / 'extract' / 'shards'}")
     tables, rows = [], []
     for shard in shards:
-        table = pq.read_table(shard)
+        table = read_artifact(shard)
         rows += schema_rows(f"extract/shards/{shard.name}", table.schema, EXTRACT_SCHEMA)
         tables.append(table)
     return pa.concat_tables(tables, promote_options="permissive"), rows
@@ -281,18 +317,102 @@ def step_missing(steps: pa.Table, first_step: str | None) -> pa.Table:
                      "unexpected_missing": unexpected_missing, "unexpected_value": unexpected_value})
 
 
+def recomputed_hashes(tables: dict[str, pa.Table]) -> pa.Table:
+    """Per trace of traces.parquet, segments.parquet and the extract shards: the content_hash stored beside the
+    one its prompt_messages and response give (extract's: the segment's), so a replaced response shows."""
+    rows, of_segment = [], {}
+    for name in ("ingest_traces", "segment_segments"):
+        table = tables[name].select(["id", "content_hash", "prompt_messages", "response"]).to_pydict()
+        for i, stored, prompt, response in zip(table["id"], table["content_hash"], table["prompt_messages"],
+                                               table["response"]):
+            digest = content_hash(prompt, response) if isinstance(prompt, str) and isinstance(response, str) else None
+            rows.append({"artifact": name, "id": i, "stored": stored, "recomputed": digest})
+            if name == "segment_segments":
+                of_segment[i] = digest
+    extract = tables["extract"].select(["id", "content_hash"]).to_pydict()
+    rows += [{"artifact": "extract", "id": i, "stored": stored, "recomputed": of_segment.get(i)}
+             for i, stored in zip(extract["id"], extract["content_hash"])]
+    return pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in ("artifact", "id", "stored",
+                                                                                   "recomputed")]))
+
+
+def span_faults(segments: pa.Table) -> pa.Table:
+    """Per segment: what is wrong with its spans (a count that is not n_steps, a span empty or outside its
+    scored response), or null."""
+    table = segments.select(["id", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end",
+                             "n_steps"]).to_pydict()
+    faults = []
+    for i, text, starts, ends, start, end, n_steps in zip(*table.values()):
+        fault = None
+        if text is None or None in (starts, ends, start, end, n_steps):
+            fault = "a span column is null"
+        elif not len(starts) == len(ends) == n_steps:
+            fault = f"{len(starts)} step starts, {len(ends)} ends for n_steps {n_steps}"
+        else:
+            spans = [*zip(starts, ends), (start, end)]
+            outside = [k for k, (a, b) in enumerate(spans) if not 0 <= a < b <= len(text)]
+            if outside:
+                k = outside[0]
+                fault = (f"{'answer span' if k == n_steps else f'step {k}'} {spans[k]} is empty or leaves the "
+                         f"{len(text)}-char response")
+        faults.append(fault)
+    return pa.table({"id": pa.array(table["id"], pa.string()), "span_fault": pa.array(faults, pa.string())})
+
+
+def step_recomputed(steps: pa.Table, lambda_) -> pa.Table:
+    """Per step: |step_score - (lambda * alpha + (1 - lambda) * consistency)|, score's own formula with the
+    lambda_ its stats.json records (null where a value is missing; inf where lambda_ is not recorded)."""
+    alpha = steps["alpha"].to_numpy(zero_copy_only=False).astype(np.float64)  # (n,)
+    consistency = pc.fill_null(steps["consistency"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    stored = pc.fill_null(steps["step_score"], np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    weight = float(lambda_) if isinstance(lambda_, (int, float)) and not isinstance(lambda_, bool) else np.nan
+    error = np.abs(stored - (weight * alpha + (1.0 - weight) * consistency))  # (n,)
+    # a missing value (a skipped step, or a fault) is score_missing's to judge; a missing lambda_ fails every row
+    skipped = (np.isnan(stored) | np.isnan(consistency) | np.isnan(alpha)) & np.isfinite(weight)
+    return pa.table({"id": steps["id"], "step_index": steps["step_index"],
+                     "step_score_error": pa.array(np.where(np.isnan(error), np.inf, error), mask=skipped)})
+
+
+def sample_recomputed(tables: dict[str, pa.Table], aggregate_stats: dict) -> pa.Table:
+    """Per scored trace: its ranking score against its sample score, its cluster, and (score.method grace) its
+    sample score against the one aggregate's rule gives from its step scores (inf where that cannot be had)."""
+    samples = tables["aggregate_sample_scores"].select(["id", "score", "method"]).to_pydict()
+    ranking = tables["select_ranking"].select(["id", "score"]).to_pydict()
+    ranked = dict(zip(ranking["id"], ranking["score"]))
+    clusters = tables["cluster_clusters"].select(["id", "cluster"]).to_pydict()
+    cluster_of = dict(zip(clusters["id"], clusters["cluster"]))
+    recomputed: dict[str, float] = {}
+    how, tau = aggregate_stats.get("how"), aggregate_stats.get("softmin_tau", 0.1)
+    if how in ("mean", "min", "softmin", "token_mean") and isinstance(tau, (int, float)) and tau > 0:
+        ids, values, _ = grace_sample_scores(tables["score_step_scores"], how, float(tau))
+        recomputed = dict(zip(ids.tolist(), values.tolist()))
+
+    def error(a, b) -> float:
+        return abs(a - b) if a is not None and b is not None and math.isfinite(a - b) else math.inf
+
+    return pa.table({
+        "id": pa.array(samples["id"], pa.string()),
+        "ranking_score_error": pa.array([error(ranked.get(i), s) for i, s in zip(samples["id"], samples["score"])]),
+        "clusters_id": pa.array([i if i in cluster_of else None for i in samples["id"]], pa.string()),
+        # baselines are not recomputed here (ifd needs the unconditional losses): null, which the check skips
+        "score_error": pa.array([error(recomputed.get(i), s) if m == "grace" else None
+                                 for i, s, m in zip(samples["id"], samples["score"], samples["method"])], pa.float64()),
+    })
+
+
 def build_suites(outputs: Path) -> list[Suite]:
     """Read every artifact under `outputs` and pair each table with what it must satisfy."""
-    tables = {name: pq.read_table(outputs / path) for name, path, _, _ in ARTIFACTS}
+    tables = {name: read_artifact(outputs / path) for name, path, _, _ in ARTIFACTS}
     tables["extract"], schema_check = read_extract_shards(outputs)
     for name, schema in [(a[0], a[2]) for a in ARTIFACTS] + [("extract", EXTRACT_SCHEMA)]:
         missing = [n for n in schema.names if n not in tables[name].column_names]
         if missing:  # the derived tables below need every column; type drift is left to the schema suite
-            raise ValueError(f"validate: {name} lacks columns {missing}")
+            raise ArtifactUnreadable(f"validate: {name} lacks columns {missing}")
     for name, path, schema, _ in ARTIFACTS:
         schema_check += schema_rows(path, tables[name].schema, schema)
     cosine = {"min_value": -1 - COSINE_TOLERANCE, "max_value": 1 + COSINE_TOLERANCE}
     subsets, selected = subset_rows(outputs, tables)
+    score_stats = read_json(outputs / "score" / "stats.json")
 
     suites = [Suite("schema", pa.Table.from_pylist(schema_check), [equal("expected", "actual")])]
     for name, _, schema, key in ARTIFACTS:
@@ -309,10 +429,18 @@ def build_suites(outputs: Path) -> list[Suite]:
             gxe.ExpectColumnValuesToBeBetween(column="n_spans", min_value=2),  # at least one step and the answer
             gxe.ExpectColumnValuesToBeBetween(column="non_finite_numbers", min_value=0, max_value=0),
         ]),
-        Suite("score_missing", step_missing(tables["score_step_scores"],
-                                            read_json(outputs / "score" / "stats.json").get("first_step")), [
+        Suite("score_missing", step_missing(tables["score_step_scores"], score_stats.get("first_step")), [
             gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=0)
             for c in ("unexpected_missing", "unexpected_value")]),
+        Suite("recomputed_hashes", recomputed_hashes(tables), [equal("stored", "recomputed")]),
+        Suite("segment_spans", span_faults(tables["segment_segments"]),
+              [gxe.ExpectColumnValuesToBeNull(column="span_fault")]),
+        Suite("recomputed_step_scores", step_recomputed(tables["score_step_scores"], score_stats.get("lambda_")),
+              [gxe.ExpectColumnValuesToBeBetween(column="step_score_error", min_value=0,
+                                                 max_value=RECOMPUTE_TOLERANCE)]),
+        Suite("recomputed_sample_scores", sample_recomputed(tables, read_json(outputs / "aggregate" / "stats.json")), [
+            gxe.ExpectColumnValuesToBeBetween(column=c, min_value=0, max_value=RECOMPUTE_TOLERANCE)
+            for c in ("ranking_score_error", "score_error")] + [equal("id", "clusters_id")]),
         Suite("reconcile", pa.Table.from_pylist([reconcile_row(outputs, tables)]),
               [equal(a, b) for a, b in RECONCILE_PAIRS]),
         Suite("select_subsets", pa.Table.from_pylist(subsets), subset_expectations()),

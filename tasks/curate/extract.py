@@ -49,7 +49,7 @@ from tasks.core.artifacts import pack_batches
 from tasks.core.progress import Progress, show_progress
 from tasks.core.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, module_logger,
-                              params_section, write_json, write_parquet)
+                              output_lock, params_section, remove_stale_staging, write_json, write_parquet)
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
 from tasks.curate.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.curate.spans import EncodedTrace, SpanError, trace_spans
@@ -57,6 +57,9 @@ from tasks.curate.vlm import VLMProxyModel, is_vlm_dir
 
 CACHE_VERSION = "extract-v2"  # v2: prompt_embedding. Bump when the meaning of the numbers extract writes changes
 log = module_logger(__name__)
+# Quarantines that depend on an image file's state now, not on the trace key (which holds the image's recorded
+# sha256): never cached, so restoring the file brings the trace back
+DISK_REASONS = ("image_missing", "image_changed", "image_unreadable")
 SEGMENT_COLUMNS = ["id", "source_row", "content_hash", "prompt_messages", "scored_response", "step_starts",
                    "step_ends", "answer_start", "answer_end"]
 KEY_COLUMNS = ["id", "content_hash", "scored_response", "step_starts", "step_ends", "answer_start", "answer_end"]
@@ -431,7 +434,8 @@ def _finish(prepared: _Prepared, out_dir: Path, params: Params, progress: Progre
             outcome.update(reason=encoding.reason, detail=encoding.detail)
         else:
             outcome.update(_number_row(encoding, numbers[i]))
-        fresh.append(outcome)
+        if outcome["reason"] not in DISK_REASONS:
+            fresh.append(outcome)
         outcomes[keys[i]] = outcome
     if params.cache_dir:
         _pack_cache(params.cache_dir).put(spec.fingerprint, fresh)
@@ -477,6 +481,9 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
     for stale in shards.glob("*part-*"):
         if stale.name.startswith(".") or stale.name.split(".")[0] not in planned:
             stale.unlink()  # an interrupted write's temp file, or a shard of an earlier, longer plan
+    # a killed run's temp copies of the summaries (finalize runs only under the output's lock: extract, or the
+    # flow's extract_sharded)
+    remove_stale_staging(out_dir, ["stats.json", "quarantine.jsonl", "metrics.json"])
     ledger = StageLedger("extract")
     totals = {"loss_tokens": 0, "prompt_tokens_truncated": 0}
     for spec in specs:
@@ -504,6 +511,11 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
 
 def extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     """Per-span losses and proxy Grams of every segmented trace: shards/, quarantine.jsonl, stats.json."""
+    with output_lock(out_dir):  # one writer per folder: shards of two runs must never mix
+        return _extract(segments, model, out_dir, params)
+
+
+def _extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     specs = plan_shards(segments, params, model)
     if not specs:
         raise StageInputError(f"extract: {segments} holds no traces")

@@ -21,16 +21,25 @@ cache and `dvc pull` match across machines) and the exports name files inside an
 outside the checkout (a shared mount) has no checkout-independent name but its absolute one.
 An image that is missing, unreadable or not an image is refused: reasons image_missing,
 image_unreadable; a count of placeholders that does not match the images: image_placeholder_mismatch.
+Refused before anything is opened (issue 22): a path that leaves image_root once `~`, `..` and symlinks are
+resolved (image_outside_root: ingest never reads /etc/passwd), a path the file system cannot hold (a NUL
+byte, a name too long: image_path_invalid), embedded bytes that are not bytes (wrong_type). Refused from the
+header alone, before decoding: more than ingest.max_image_pixels pixels (image_too_large; a decompression
+bomb claims 20000x20000 in a few hundred bytes). An image in the response (the assistant turn) is refused:
+image_in_response. Readers check the bytes against the recorded sha256 (verified_images): a file changed
+since ingest is image_changed, one that no longer opens image_unreadable.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import html
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +132,40 @@ def image_file(recorded: str) -> Path:
     return Path(recorded)
 
 
+def verified_images(prompt_messages: str | list[dict]) -> list:
+    """The RGB images of a trace's prompt, each checked against the sha256 ingest recorded; raises ImageRejected:
+    image_missing, image_changed (its bytes differ: numbers computed now would be cached under the old
+    image's trace key), image_unreadable."""
+    from PIL import Image
+
+    messages = json.loads(prompt_messages) if isinstance(prompt_messages, str) else prompt_messages
+    loaded = []
+    for part in (part for message in messages if isinstance(message["content"], list)
+                 for part in message["content"] if part["type"] == "image"):
+        try:
+            data = image_file(part["image"]).read_bytes()
+        except OSError as err:
+            raise ImageRejected("image_missing", f"image {part['image']}: {err.strerror}") from None
+        if part.get("sha256") and hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise ImageRejected("image_changed", f"image {part['image']} changed since ingest (sha256 "
+                                f"{part['sha256'][:12]}... recorded); run ingest again")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                loaded.append(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ImageRejected("image_unreadable", f"image {part['image']} no longer opens: {err}") from None
+    return loaded
+
+
 class ImageStore:
     """Resolves image sources to checked files with their sha256; embedded bytes are written under embed_dir."""
 
-    def __init__(self, root: Path, embed_dir: Path | None = None, published_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, embed_dir: Path | None = None, published_dir: Path | None = None,
+                 max_pixels: int | None = None) -> None:
         # embed_dir: where embedded bytes are written now; published_dir: where they will be read from, which
         # differs while ingest writes into atomic_outputs' staging copy of its directory
-        self.root, self.embed_dir = Path(root), embed_dir
+        self.root, self.embed_dir, self.max_pixels = Path(root).expanduser(), embed_dir, max_pixels
+        self.real_root = Path(os.path.realpath(self.root))  # every file read must lie under it
         self.published_dir = published_dir if published_dir is not None else embed_dir
         if embed_dir is not None:
             # made even when no image is embedded (a text pool): dvc.yaml declares it an out of ingest, and
@@ -142,17 +178,45 @@ class ImageStore:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image_format = image.format
-                image.load()  # decodes the pixels: a truncated or corrupt file fails here, not in extract
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            with warnings.catch_warnings():
+                # the size is checked against max_pixels below, from the header; Pillow's own bomb warning
+                # (MAX_IMAGE_PIXELS) would only repeat it. Its error (twice that) is caught as image_too_large
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    image_format, (width, height) = image.format, image.size
+                    if self.max_pixels is not None and width * height > self.max_pixels:
+                        raise ImageRejected("image_too_large", f"{where} is {width}x{height}, more than "
+                                            f"ingest.max_image_pixels {self.max_pixels} pixels")
+                    image.load()  # decodes the pixels: a truncated or corrupt file fails here, not in extract
+        except Image.DecompressionBombError as err:
+            raise ImageRejected("image_too_large", f"{where}: {err}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
             raise ImageRejected("image_unreadable", f"{where} is not a readable image: {err}") from None
         return (image_format or "png").lower()
+
+    def _confined(self, source: str) -> tuple[Path, Path]:
+        """(the path as given under root, the real file it names); raises ImageRejected before any read
+        when the path leaves image_root once `~`, `..` and every symlink are resolved, or cannot be a path."""
+        if "\0" in source:
+            raise ImageRejected("image_path_invalid", f"image path {source!r:.80} holds a NUL byte")
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else self.root / path
+        try:
+            real = Path(os.path.realpath(path))
+        except OSError as err:  # a loop of symlinks, a component the file system cannot hold
+            raise ImageRejected("image_path_invalid", f"image path {source!r:.80}: {err.strerror}") from None
+        if not real.is_relative_to(self.real_root):
+            raise ImageRejected("image_outside_root", f"image {source!r:.80} lies outside ingest.image_root "
+                                f"{str(self.root)!r} (it resolves to {real})")
+        return path, real
 
     def resolve(self, source: Any) -> dict:
         """One image part {"type": "image", "image": path, "sha256"}; raises ImageRejected."""
         if isinstance(source, dict) and source.get("bytes") is not None:
             data = source["bytes"]
+            if not isinstance(data, (bytes, bytearray)):  # JSON has no bytes: a string or a number is no image
+                raise ImageRejected("wrong_type", f"embedded image bytes are {type(data).__name__}, not bytes")
+            data = bytes(data)
             digest = hashlib.sha256(data).hexdigest()
             extension = self._check(data, f"embedded image {source.get('path') or digest[:12]}")
             if self.embed_dir is None:
@@ -168,13 +232,16 @@ class ImageStore:
             raise ImageRejected("image_missing", f"image source {source!r:.80} is not a path")
         if source.startswith(("http://", "https://", "data:")):
             raise ImageRejected("image_missing", f"image {source:.80} is a URL; download it and give a path")
-        path = Path(source).expanduser()
-        path = path if path.is_absolute() else self.root / path
+        path, real = self._confined(source)
         key = recorded_path(path)
         if key not in self.digests:
-            if not path.is_file():
-                raise ImageRejected("image_missing", f"image {source} not found (looked at {path})")
-            data = path.read_bytes()
+            try:
+                if not real.is_file():  # also refuses a device or a FIFO, which could block or never end
+                    raise ImageRejected("image_missing", f"image {source} not found (looked at {path})")
+                data = real.read_bytes()
+            except OSError as err:  # ENAMETOOLONG, EACCES, EISDIR...: this record's problem, not the run's
+                reason = "image_path_invalid" if err.errno == errno.ENAMETOOLONG else "image_unreadable"
+                raise ImageRejected(reason, f"image {source!r:.80}: {err.strerror}") from None
             self._check(data, f"image {source}")
             self.digests[key] = hashlib.sha256(data).hexdigest()
         return {"type": "image", "image": key, "sha256": self.digests[key]}

@@ -81,6 +81,10 @@ class Params:
     # multimodal traces (tasks/curate/images.py), their image paths relative to it. The traces record each
     # file relative to the working directory (images.recorded_path), however image_root is spelled
     image_root: str | None = None
+    # an image whose header claims more pixels is quarantined (image_too_large) before it is decoded: a
+    # decompression bomb costs nothing, and extract's memory stays bounded (a 144-megapixel image took it from
+    # 0.6 to 3.1 GB). Higher keeps larger scans whole; the VLM's processor resizes them anyway. null: Pillow's limit
+    max_image_pixels: int | None = 25_000_000
 
     def resolved(self) -> "Params":
         """These params with the preset's mapping in the keys left at their defaults."""
@@ -98,6 +102,8 @@ class Params:
         unknown = [p for p in self.answer_patterns if p not in ANSWER_PATTERNS]
         if unknown or not self.answer_patterns:
             raise ParamsError(f"ingest.answer_patterns: need a non-empty subset of {list(ANSWER_PATTERNS)}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ParamsError(f"ingest.max_image_pixels: {self.max_image_pixels} must be null or at least 1")
         if not self.question_fields or not self.response_fields:
             raise ParamsError("ingest.question_fields and ingest.response_fields must name at least one field")
 
@@ -239,7 +245,10 @@ def _multimodal_trace(record: dict, params: Params, response: str | None, store:
     """A record with images: its text mapped as any record's, then the images placed in its prompt turns."""
     flat, sources = images.flatten(record, params.messages_field)
     trace = _text_trace(flat, params, response)
-    store = store or images.ImageStore(Path(params.image_root))
+    if images.PLACEHOLDER in trace["response"]:  # images are context: one in the scored turn has no place there
+        raise images.ImageRejected("image_in_response", f"the response holds {images.PLACEHOLDER} (an image in the "
+                                   "assistant turn); only prompt turns may hold images")
+    store = store or images.ImageStore(Path(params.image_root), max_pixels=params.max_image_pixels)
     prompt = images.place(json.loads(trace["prompt_messages"]), sources, store)
     prompt_json = json.dumps(prompt, ensure_ascii=False)
     digest = content_hash(prompt_json, trace["response"])  # the parts' sha256 put the image bytes in the hash
@@ -269,6 +278,12 @@ def _text_trace(record: dict, params: Params, response: str | None = None) -> di
         found = extract_final_answer(response, params.answer_patterns)
     if found is None:  # kept: segment's answer_fallback places its answer span, or quarantines it
         found = ("", "none")
+    options = record.get(params.options_field) if params.options_field is not None else None
+    if options is not None and len(found[0]) == 1 and found[0] in OPTION_LETTERS:
+        letters = list(options) if isinstance(options, dict) else list(OPTION_LETTERS[:len(options)])
+        if found[0] not in letters:  # _question has checked the options' shape
+            raise Rejected("answer_not_in_options", f"answer {found[0]!r} ({found[1]}) is not one of the options "
+                                                    f"{letters}")
     prompt_json = json.dumps(prompt, ensure_ascii=False)
     digest = content_hash(prompt_json, response)
     return {
@@ -330,7 +345,8 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     sources: Counter[str] = Counter()
     ledger.extra.update(preset=params.preset, generations_expanded=0)
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
-    store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images")
+    store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images",
+                              max_pixels=params.max_image_pixels)
     for row, source_record in read_records(Path(input), params.format, ledger):
         fields_seen.update(source_record)
         try:

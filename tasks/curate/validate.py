@@ -3,8 +3,10 @@
     python -m tasks.curate.validate --outputs outputs --out-dir outputs/validate
 
 The suites (tasks/curate/expectations.py) check schemas, nulls, cosine ranges, unique ids, that counts
-reconcile across stages, that subsets match their manifest and fraction, and that every selected
-id exists upstream. They run as one great-expectations Checkpoint in an in-memory context (no
+reconcile across stages, that subsets match their manifest and select's own rule (whatever its options),
+that every selected id exists upstream, and recompute what is cheap (content hashes, span bounds, step and
+sample scores, the ranking's scores). An artifact that cannot be read (missing, truncated) is one failed
+check in results.json, not a crash. They run as one great-expectations Checkpoint in an in-memory context (no
 project directory, analytics off), whose UpdateDataDocsAction writes Data Docs to
 out_dir/data_docs. results.json holds the outcome per suite; a failure raises when fail_on_error.
 """
@@ -20,7 +22,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, Stage, params_section, stage_logger, write_json
+from tasks.core.stage import (ParamsError, Stage, StageInputError, output_lock, params_section, remove_stale_staging,
+                              stage_logger, write_json)
 
 DOCS_SITE = "grace_outputs"
 
@@ -38,6 +41,11 @@ class Params:
 
 class ExpectationsFailed(RuntimeError):
     """At least one expectation failed; the message lists each one."""
+
+
+class OutputsUnreadable(ExpectationsFailed, StageInputError):
+    """An artifact could not be read: a failed result in results.json, like any failed expectation (the flow
+    reads it back), and an input the stage cannot run on (the command line prints its one line, exit 2)."""
 
 
 def plain(value: Any) -> Any:
@@ -126,12 +134,25 @@ def run_checkpoint(suites: list, staging: Path, docs_dir: Path | None) -> dict[s
 
 def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     """Check every artifact under `outputs`; write results.json and Data Docs; raise on failure."""
-    from tasks.curate.expectations import build_suites  # imports great-expectations
+    with output_lock(out_dir):
+        remove_stale_staging(out_dir, ["results.json", "metrics.json"])  # a killed run's temp copies
+        return _validate(outputs, out_dir, params)
 
-    suites = build_suites(outputs)
+
+def _validate(outputs: Path, out_dir: Path, params: Params) -> dict:
+    from tasks.curate.expectations import ArtifactUnreadable, build_suites  # imports great-expectations
+
     docs_dir = out_dir / "data_docs" if params.data_docs else None
     if docs_dir is not None:
         shutil.rmtree(docs_dir, ignore_errors=True)  # pages of earlier runs would linger unlinked
+    try:
+        suites = build_suites(outputs)
+    except ArtifactUnreadable as error:  # a truncated or missing artifact is a failed check, not a crash
+        report = _write(unreadable_report(" ".join(str(error).split())), out_dir)
+        if params.fail_on_error:  # its one line is the whole story: no count line before it
+            raise OutputsUnreadable(f"validate: {report['error']}") from None
+        stage_logger("validate").error("validate: %s", report["error"])
+        return report
     with tempfile.TemporaryDirectory(prefix="grace-validate-") as staging:
         results = run_checkpoint(suites, Path(staging), docs_dir)
     if docs_dir is not None and not (docs_dir / "index.html").is_file():
@@ -151,8 +172,27 @@ def validate(outputs: Path, out_dir: Path, params: Params) -> dict:
     report["n_expectations"] = sum(s["n_expectations"] for s in report["suites"].values())
     report["n_failed"] = sum(s["n_failed"] for s in report["suites"].values())
     report["success"] = report["n_failed"] == 0
+    return _finish(report, out_dir, params)
+
+
+def unreadable_report(error: str) -> dict[str, Any]:
+    """results.json for outputs validate could not read: one failed check naming the artifact, in the
+    usual layout (the flow's summary and `grace diff` read it as any failure), plus `error`."""
+    failed = [{"expectation": "artifact_readable", "column": None, "observed": {"error": error}}]
+    return {"suites": {"artifacts": {"success": False, "n_expectations": 1, "n_failed": 1, "failed": failed}},
+            "n_suites": 1, "n_expectations": 1, "n_failed": 1, "success": False, "error": error}
+
+
+def _write(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """results.json and metrics.json (the DVC metrics file: counts only)."""
     write_json(out_dir / "results.json", report)
     write_json(out_dir / "metrics.json", {key: report[key] for key in ("n_expectations", "n_failed")})
+    return report
+
+
+def _finish(report: dict[str, Any], out_dir: Path, params: Params) -> dict[str, Any]:
+    """Write the report, log the outcome, raise on failure when fail_on_error."""
+    _write(report, out_dir)
     stage_logger("validate").log(logging.INFO if report["success"] else logging.ERROR,
                                  "validate: %d expectations in %d suites, %d failed",
                                  report["n_expectations"], report["n_suites"], report["n_failed"])

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.curate.images import image_file, image_paths
+from tasks.curate.images import ImageRejected, image_file, image_paths, verified_images
 from tasks.curate.proxy import ProxyModel
 from tasks.curate.spans import EncodedTrace, SpanError, _check_spans, _fit, question_offset, token_spans
 
@@ -99,7 +99,12 @@ def encode_multimodal(processor, traces: list[tuple[str, str, list[tuple[int, in
         offsets = np.array(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # (n, 2)
         labels = token_spans(text, offsets, (response_start, response_start + len(response)), spans)  # (n,)
         paths = tuple(image_paths(prompt))
-        inputs = processor(text=[text], images=[load_images(paths)] if paths else None, add_special_tokens=False)
+        try:  # the files as ingest hashed them: a swapped image must not be scored under the old trace key
+            loaded = verified_images(prompt)
+        except ImageRejected as rejected:
+            results.append(SpanError(rejected.reason, rejected.detail))
+            continue
+        inputs = processor(text=[text], images=[loaded] if paths else None, add_special_tokens=False)
         expanded = np.asarray(inputs["input_ids"][0], dtype=np.int64)  # (n + shift,)
         shift = len(expanded) - len(ids)
         response_tokens = np.flatnonzero(labels >= 0)

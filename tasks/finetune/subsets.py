@@ -31,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, Stage, params_section, write_json, write_parquet
+from tasks.core.artifacts import extract_shards
+from tasks.core.stage import ParamsError, Stage, StageInputError, params_section, write_json, write_parquet
 from tasks.curate import aggregate as aggregate_stage
 from tasks.curate import score as score_stage
 from tasks.curate import select as select_stage
@@ -139,6 +140,8 @@ class Params:
         if self.dose_fraction is not None and (isinstance(self.dose_fraction, bool) or not isinstance(
                 self.dose_fraction, (int, float)) or not 0 < self.dose_fraction < 1):
             fail("dose_fraction", "null or a number in (0, 1) (the oracle rows run at it too)")
+        if self.mode == "lora" and (not self.lora_targets or not all(self.lora_targets)):
+            fail("lora_targets", "module names (q_proj, v_proj, ...): mode lora adapts those layers")
         self._check_variants(fail)
 
     def _check_variants(self, fail) -> None:
@@ -149,7 +152,11 @@ class Params:
             if not isinstance(spec, dict) or set(spec) - scorer_keys or spec.get("model", "base") not in (
                     "base", "warmup") or (spec.get("pool") is not None and not _positive_int(spec["pool"])):
                 fail("scorers", f"entry {name}: keys {sorted(scorer_keys)}, model base|warmup, pool null or N")
-        names = [v.get("name") if isinstance(v, dict) else None for v in self.variants]
+        for variant in self.variants:  # an unknown key first: `{nme: a}` is a typo, not a missing name
+            if not isinstance(variant, dict) or set(variant) - variant_keys:
+                unknown = sorted(set(variant) - variant_keys) if isinstance(variant, dict) else variant
+                fail("variants", f"entry {variant}: unknown key(s) {unknown}; keys are {sorted(variant_keys)}")
+        names = [v.get("name") for v in self.variants]
         reserved = set(self.methods) | {"base", "full"}
         if len(set(names)) < len(names) or not all(isinstance(n, str) and n and n not in reserved for n in names):
             fail("variants", f"entries with distinct names, none of {sorted(reserved)}")
@@ -160,6 +167,31 @@ class Params:
                     or (spec["scorer"] != "base" and spec["scorer"] not in self.scorers):
                 fail("variants", f"entry {variant}: keys {sorted(variant_keys)}, a method, a gradient of "
                      f"{list(score_stage.GRADIENTS)}, scorer base or one of {sorted(self.scorers)}")
+            if spec["gradient"] == "projected" and spec["scorer"] != "base" \
+                    and not self.scorers[spec["scorer"]].get("projected", False):
+                fail("variants", f"entry {variant}: gradient projected needs projected Grams, which scorer "
+                     f"{spec['scorer']} does not extract; set finetune_eval.scorers.{spec['scorer']}.projected: true")
+
+
+def check_gram_sources(jobs: list[tuple[str, dict]], extract: Path, scorers: Path) -> None:
+    """Before anything runs: every variant's gradient has its Grams in its scorer's extract output (the
+    curation's own, scorer base, has projected Grams only with extract.projected: true, head Grams only with
+    extract.head_variant: true); one line naming the variant and the setting, not a traceback midway."""
+    for label, job in jobs:
+        gradient, scorer = job.get("gradient", "proxy"), job.get("scorer", "base")
+        if gradient == "proxy" or "name" not in job:
+            continue
+        source = Path(extract) if scorer == "base" else Path(scorers) / scorer / "extract"
+        column = score_stage.gram_column(gradient)
+        parts = extract_shards(source)
+        missing = sum(pq.read_table(part, columns=["id"]).num_rows if column not in pq.read_schema(part).names
+                      else pq.read_table(part, columns=[column])[column].null_count for part in parts)
+        if missing or not parts:
+            setting = score_stage.EXTRACT_SWITCH[gradient] if scorer == "base" else \
+                f"finetune_eval.scorers.{scorer}.projected: true" if gradient == "projected" else \
+                f"scorer base with {score_stage.EXTRACT_SWITCH[gradient]}"
+            raise StageInputError(f"finetune_eval.variants: {label} uses gradient {gradient} on scorer {scorer}, "
+                                  f"whose extract ({source}) has no {column} for {missing} traces; set {setting}")
 
 
 def read_clean_labels(labels: Path | None) -> dict[str, bool]:
@@ -247,6 +279,7 @@ def build_subsets(step_scores: Path, extract: Path, unconditional: Path, segment
                       {"method": "random", "seed": seed, "row": f"dose{round(share * 100)}", "calibration": "dose",
                        "share": share, "fractions": (params.dose_fraction,)})
                      for share in params.dose_shares for seed in params.random_seeds]
+    check_gram_sources(jobs, extract, scorers)
     warmed_on = set()
     if any(params.scorers.get(v.get("scorer"), {}).get("model") == "warmup" for v in params.variants):
         warmed_on = set((Path(warmup) / "ids.txt").read_text(encoding="utf-8").split())

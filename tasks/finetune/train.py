@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from tasks.core.artifacts import pack_batches
+from tasks.core.stage import ParamsError
 from tasks.curate.images import image_paths
 from tasks.curate.vlm import is_vlm_dir, load_images, pixel_inputs, template_messages
 
@@ -269,6 +270,7 @@ def with_adapters(model, params):
     """LoRA adapters (params.mode: lora) on the chosen layers, or every parameter trainable (full)."""
     if params.mode == "full":
         return model.requires_grad_(True)
+    check_lora_targets(model, params)
     from peft import LoraConfig, get_peft_model
 
     if is_vlm(model):
@@ -279,6 +281,17 @@ def with_adapters(model, params):
     config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=0.0,
                         target_modules=list(params.lora_targets), layers_to_transform=layers, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def check_lora_targets(model, params) -> None:
+    """Refuse lora_targets that name no module of the model (peft would fail deep inside, or a VLM's adapters
+    would land nowhere): one line naming the setting and the model's own layer names."""
+    names = {name.split(".")[-1] for name, module in model.named_modules()
+             if name and not list(module.children())}  # leaf modules: the layers adapters can wrap
+    missing = [target for target in params.lora_targets if target not in names]
+    if missing:
+        raise ParamsError(f"{params.section}.lora_targets: {missing} name no layer of the model; its layers are "
+                          f"{sorted(names)}")
 
 
 def language_model_targets(model, params) -> list[str]:

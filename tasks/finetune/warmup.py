@@ -68,6 +68,9 @@ class Params:
             raise ParamsError(f"warmup.warmup_ratio: {self.warmup_ratio!r}; expected a number in [0, 1)")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ParamsError(f"warmup.device: {self.device!r}; expected auto, cpu, cuda or cuda:N")
+        if self.mode == "lora" and (not self.lora_targets or not all(self.lora_targets)):
+            raise ParamsError(f"warmup.lora_targets: {list(self.lora_targets)}; expected module names "
+                              "(q_proj, v_proj, ...): mode lora adapts those layers")
 
 
 def warmup_ids(ids: list[str], fraction: float, seed: int) -> list[str]:

@@ -29,7 +29,7 @@ import tasks.core.artifacts
 import tasks.curate.extract
 from tasks.core.stage import ParamsError, StageInputError
 from tasks.curate.validate import ExpectationsFailed
-from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
+from flows.curate import (EPHEMERAL_STARTUP_SECONDS, LOOPBACK, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
                           dask_task_runner, ingest_task, model_task, prefect_settings, retry_if_transient, score_task,
                           segment_task, stage_paths, summary_markdown, validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
@@ -215,9 +215,28 @@ def test_dask_runner_follows_extract_params():
     assert dask_task_runner(tasks.curate.extract.Params()) is None
     local = dask_task_runner(tasks.curate.extract.Params(workers=3))
     assert isinstance(local, DaskTaskRunner) and local.address is None
-    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
+    assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, **LOOPBACK}
     remote = dask_task_runner(tasks.curate.extract.Params(workers=3, scheduler_address="tcp://10.0.0.5:8786"))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
+
+
+def listening(cluster) -> set[str]:
+    """The interfaces a cluster's scheduler and its dashboard listen on."""
+    scheduler = cluster.scheduler
+    hosts = {sock.getsockname()[0] for sock in scheduler.http_server._sockets.values()}
+    return hosts | {scheduler.address.split("://")[1].rsplit(":", 1)[0]}
+
+
+def test_local_dask_scheduler_and_dashboard_listen_on_loopback_only():
+    """Dask's default dashboard (":8787") binds 0.0.0.0; the runner's clusters bind 127.0.0.1 (issue 22)."""
+    from distributed import LocalCluster, SpecCluster
+
+    local = dask_task_runner(tasks.curate.extract.Params(workers=1))
+    with LocalCluster(**{**local.cluster_kwargs, "n_workers": 0}) as cluster:  # no worker: the scheduler is the point
+        assert listening(cluster) == {"127.0.0.1"}
+    spec = dask_task_runner(tasks.curate.extract.Params(workers=2), gpus=["0", "1"])
+    with SpecCluster(scheduler=spec.cluster_kwargs["scheduler"], workers={}) as cluster:
+        assert listening(cluster) == {"127.0.0.1"}
 
 
 def test_failed_validation_still_reported(tmp_path):

@@ -16,7 +16,7 @@ from prefect_dask import DaskTaskRunner
 
 from tasks.core.stage import ParamsError, params_from_dict
 from tasks.curate.extract import Params
-from flows.curate import dask_task_runner, gpu_cluster_kwargs, visible_gpus
+from flows.curate import LOOPBACK, dask_task_runner, gpu_cluster_kwargs, visible_gpus
 
 
 def worker_gpus(runner: DaskTaskRunner) -> list[str]:
@@ -35,7 +35,7 @@ def test_more_workers_than_gpus_go_round_robin_and_one_gpu_is_shared():
     for workers, n_workers in [(3, 3), ("gpus", 1)]:  # a single GPU: a plain LocalCluster, all workers on it
         runner = dask_task_runner(Params(workers=workers), gpus=["0"])
         assert runner.cluster_class is None and runner.cluster_kwargs == {"n_workers": n_workers,
-                                                                          "threads_per_worker": 1}
+                                                                          "threads_per_worker": 1, **LOOPBACK}
     assert dask_task_runner(Params(workers=0), gpus=["0", "1"]) is None  # in process, whatever the GPUs
 
 

@@ -146,6 +146,96 @@ def test_extract_dying_midway_leaves_no_earlier_stats(tmp_path, tiny_model_dir, 
         score.score(out, tmp_path / "score", score.Params())
 
 
+# ---- issue 22: one writer per output, and what killed runs leave behind is cleaned -----------------------------
+HOLD_LOCK = """
+import os, signal, sys, time
+from tasks.core.stage import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while holding it
+    time.sleep(60)
+"""
+
+
+def hold_lock(out: Path, then: str) -> "subprocess.Popen":
+    """Another process holding out's lock (then "sleep": until killed; "die": it kill -9s itself at once)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), then], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_stops_with_one_line_naming_the_holder(tmp_path, gsm_rows, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(row) + "\n" for row in gsm_rows[:2]), encoding="utf-8")
+    holder = hold_lock(tmp_path / "out", "sleep")
+    try:
+        with pytest.raises(tasks.core.stage.OutputLocked, match=rf"out is being written by pid {holder.pid} on "):
+            ingest.ingest(pool, tmp_path / "out", ingest.Params())
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*.tmp"))  # nothing written
+        # extract (not atomic: it writes in place) refuses before it reads anything
+        with pytest.raises(tasks.core.stage.OutputLocked, match=f"pid {holder.pid}"):
+            extract.extract(tmp_path / "no-segments.parquet", tmp_path / "no-model", tmp_path / "out", extract.Params())
+        with pytest.raises(SystemExit) as stopped:  # on the command line: one line, exit 2
+            ingest_main(["--params", str(REPO / "params.yaml"), "--input", str(pool), "--out-dir", str(tmp_path / "out")])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"is being written by pid {holder.pid}" in error
+    finally:
+        holder.kill()
+        holder.wait()
+    assert ingest.ingest(pool, tmp_path / "out", ingest.Params())["kept"] == 2  # free once the holder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pool.jsonl"]  # the lock file went with it
+
+
+def test_a_writer_killed_with_its_lock_leaves_none_held(tmp_path, gsm_rows):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(row) + "\n" for row in gsm_rows[:2]), encoding="utf-8")
+    holder = hold_lock(tmp_path / "out", "die")
+    holder.wait()
+    assert (tmp_path / ".out.lock").exists()  # the file stays after kill -9; the kernel dropped its lock
+    assert ingest.ingest(pool, tmp_path / "out", ingest.Params())["kept"] == 2
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_stale_staging_of_killed_runs_is_removed_by_the_next_run(tmp_path, gsm_rows):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(row) + "\n" for row in gsm_rows[:2]), encoding="utf-8")
+    stale = tmp_path / ".ingest.k1ll3d_9.tmp" / "ingest"  # what atomic_outputs leaves after kill -9
+    stale.mkdir(parents=True)
+    (stale / "traces.parquet").write_bytes(b"a whole previous output")
+    (tmp_path / ".ingest.0ld0ld00.tmp").write_text("")
+    others = [tmp_path / ".ingest2.abcdefgh.tmp", tmp_path / ".ingest.notmine.tmp", tmp_path / "ingest.abcdefgh.tmp"]
+    for other in others:  # another output's staging, and names tempfile does not give: left alone
+        other.mkdir()
+    ingest.ingest(pool, tmp_path / "ingest", ingest.Params())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ingest", "pool.jsonl", *(o.name for o in others)])
+
+
+def test_extract_and_validate_remove_their_killed_runs_temp_files(tmp_path, tiny_model_dir):
+    (tmp_path / "data").mkdir()
+    segments = tiny_pipeline.build_segments(tmp_path / "data", gsm_rows(4))
+    out = tmp_path / "extract"
+    (out / "shards").mkdir(parents=True)
+    leftovers = [out / ".stats.json.a1b2c3d4.tmp", out / ".quarantine.jsonl.zzzzzzzz.tmp",
+                 out / "shards" / ".part-00000.parquet.q1w2e3r4.tmp"]
+    for leftover in leftovers:
+        leftover.write_text("half")
+    extract.extract(segments, tiny_model_dir, out, extract.Params(device="cpu", shard_size=2, cache_dir=None))
+    assert not any(leftover.exists() for leftover in leftovers)
+    from tasks.curate import validate
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / ".results.json.a1b2c3d4.tmp").write_text("half")
+    report = validate.validate(tmp_path / "no-outputs", tmp_path / "v", validate.Params(fail_on_error=False))
+    assert report["success"] is False and "no-outputs" in report["error"]  # nothing to read: a failed result
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["metrics.json", "results.json"]
+
+
 # ---- the ledger's counts ---------------------------------------------------------------------------
 
 def test_a_stage_logs_read_kept_and_quarantined_by_reason_in_one_line(tmp_path, gsm_rows, tasks_log):

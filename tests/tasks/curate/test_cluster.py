@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -127,3 +128,18 @@ def test_within_clusters_without_clusters_or_with_unclustered_ids_is_refused(clu
     other = write_sample_scores(tmp_path / "other.parquet", clustered["ids"] + ["stranger"], [0.5] * 41, [10] * 41)
     with pytest.raises(ValueError, match="have no cluster"):
         select(other, clustered["segments"], tmp_path / "y", SelectParams(), clusters=clustered["clusters"])
+
+
+def test_cluster_refuses_an_extract_output_that_did_not_finish(tmp_path):
+    """Only a finished extract (stats.json, its shard count matching the files) is read (issue 22)."""
+    from tasks.core.stage import StageInputError
+
+    extract = write_extract(tmp_path / "extract", [extract_row(f"t{i}", np.eye(3)[:2] + i) for i in range(4)])
+    stats = json.loads((extract / "stats.json").read_text())
+    (extract / "stats.json").write_text(json.dumps(stats | {"shards": 2}))  # a second run's shard is missing
+    with pytest.raises(StageInputError, match="stats.json counts 2 shards but shards/ holds 1"):
+        cluster(extract, tmp_path / "cluster", Params(n_clusters=2))
+    (extract / "stats.json").unlink()  # a run still writing (or killed): no stats.json yet
+    with pytest.raises(StageInputError, match="no stats.json, so extract did not finish"):
+        cluster(extract, tmp_path / "cluster", Params(n_clusters=2))
+    assert not (tmp_path / "cluster").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -175,3 +176,119 @@ def test_two_clones_write_the_same_bytes_and_find_their_own_images(tmp_path, mon
 def test_a_text_pool_still_gets_the_images_directory(tmp_path):
     run(tmp_path, [{"id": "t", "question": "Q?", "response": RESPONSE}], image_root=None)
     assert (tmp_path / "out" / "images").is_dir() and not any((tmp_path / "out" / "images").iterdir())
+
+
+# ---- issue 22: image reads confined to image_root, one bad image never stops the run ---------------------------
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height in a few dozen bytes: a decompression bomb as far as a header goes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def gif_header(side: int) -> bytes:
+    import struct
+
+    return (b"GIF89a" + struct.pack("<HHBBB", side, side, 0, 0, 0) + b"\x2c" + struct.pack("<HHHHB", 0, 0, side, side, 0)
+            + b"\x02\x02\x44\x01\x00\x3b")
+
+
+def tiff_header(side: int) -> bytes:
+    import struct
+
+    tags = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
+            (277, 3, 1, 1), (278, 4, 1, side), (279, 4, 1, 1)]
+    return (b"II*\x00" + struct.pack("<IH", 8, len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+            + struct.pack("<I", 0))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[Path]:
+    """Every file read through Path.read_bytes, resolved: what ingest opened."""
+    seen: list[Path] = []
+    original = Path.read_bytes
+
+    def recording(self):
+        seen.append(Path(os.path.realpath(self)))
+        return original(self)
+
+    monkeypatch.setattr(Path, "read_bytes", recording)
+    return seen
+
+
+def test_image_paths_leaving_the_root_are_quarantined_before_they_are_read(tmp_path, monkeypatch, reads):
+    root = tmp_path / "root"
+    write_png(root / "a.png")
+    secret = write_png(tmp_path / "secret.png", "red")  # a real image: without confinement it would be kept
+    write_png(tmp_path / "home" / "mine.png")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (root / "out.png").symlink_to(secret)  # a symlink inside the root, pointing out of it
+    (root / "in.png").symlink_to(root / "a.png")  # one that stays inside is fine
+    rows = [{"id": "dotdot", "image": "../secret.png"}, {"id": "absolute", "image": str(secret)},
+            {"id": "home", "image": "~/mine.png"}, {"id": "symlink", "image": "out.png"},
+            {"id": "passwd", "image": "/etc/passwd"}, {"id": "environ", "image": "/proc/self/environ"},
+            {"id": "sneaky", "image": "sub/../../secret.png"},
+            {"id": "inside-absolute", "image": str(root / "a.png")}, {"id": "inside-link", "image": "in.png"}]
+    traces, quarantine, stats = run(tmp_path, [{**row, "question": "Q?", "response": RESPONSE} for row in rows],
+                                    image_root=str(root))
+    assert sorted(t["id"] for t in traces) == ["inside-absolute", "inside-link"]
+    assert {q["id"]: q["reason"] for q in quarantine} == {
+        name: "image_outside_root" for name in ("dotdot", "absolute", "home", "symlink", "passwd", "environ", "sneaky")}
+    assert all(path.is_relative_to(root.resolve()) for path in reads), reads  # nothing outside was even opened
+    assert stats["read"] == stats["kept"] + stats["quarantined"] == len(rows)
+
+
+def test_a_bad_image_record_is_quarantined_and_the_rest_kept(tmp_path):
+    """Decompression bombs, embedded bytes JSON cannot hold, a NUL byte or an overlong path: one record each."""
+    root = tmp_path / "imgs"
+    write_png(root / "ok.png")
+    (root / "bomb.png").write_bytes(png_header(20000, 20000))  # past Pillow's own bomb limit
+    (root / "bomb.gif").write_bytes(gif_header(30000))
+    (root / "bomb.tif").write_bytes(tiff_header(40000))
+    (root / "big.png").write_bytes(png_header(12000, 12000))  # 144 megapixels: Pillow only warns; our cap refuses
+    rows = [{"id": "png", "image": "bomb.png"}, {"id": "gif", "image": "bomb.gif"}, {"id": "tif", "image": "bomb.tif"},
+            {"id": "big", "image": "big.png"}, {"id": "string-bytes", "images": [{"bytes": "iVBORw0KGgo="}]},
+            {"id": "int-bytes", "images": [{"bytes": 123}]}, {"id": "nul", "image": "ok\0.png"},
+            {"id": "long", "image": "x" * 5000 + ".png"}, {"id": "long-name", "image": "y" * 300 + ".png"},
+            {"id": "fine", "image": "ok.png"}]
+    traces, quarantine, stats = run(tmp_path, [{**row, "question": "Q?", "response": RESPONSE} for row in rows],
+                                    image_root=str(root))
+    assert [t["id"] for t in traces] == ["fine"]
+    assert {q["id"]: q["reason"] for q in quarantine} == {
+        "png": "image_too_large", "gif": "image_too_large", "tif": "image_too_large", "big": "image_too_large",
+        "string-bytes": "wrong_type", "int-bytes": "wrong_type", "nul": "image_path_invalid",
+        "long": "image_path_invalid", "long-name": "image_path_invalid"}
+    assert "ingest.max_image_pixels" in next(q["detail"] for q in quarantine if q["id"] == "big")
+    assert stats["read"] == stats["kept"] + stats["quarantined"] == len(rows)
+
+
+def test_max_image_pixels_caps_decoded_pixels(tmp_path):
+    write_png(tmp_path / "wide.png", size=(300, 200))
+    rows = [{"id": "w", "image": "wide.png", "question": "Q?", "response": RESPONSE}]
+    with pytest.raises(Exception, match="kept none"):  # the only record is refused, so the stage stops
+        run(tmp_path, rows, max_image_pixels=300 * 200 - 1)
+    traces, _, _ = run(tmp_path, rows, max_image_pixels=300 * 200)
+    assert [t["id"] for t in traces] == ["w"]
+    traces, _, _ = run(tmp_path, rows, max_image_pixels=None)
+    assert [t["id"] for t in traces] == ["w"]
+    from tasks.core.stage import ParamsError, params_from_dict
+
+    with pytest.raises(ParamsError, match="ingest.max_image_pixels"):
+        params_from_dict(Params, "ingest", {"max_image_pixels": 0})
+
+
+def test_an_image_in_the_response_is_quarantined_not_moved(tmp_path):
+    """An image part in the assistant turn was moved into the user turn, leaving "<image>" in the response."""
+    write_png(tmp_path / "a.png")
+    rows = [{"id": "in-answer", "messages": [
+        {"role": "user", "content": "How tall is the bar?"},
+        {"role": "assistant", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": RESPONSE}]}]},
+        {"id": "fine", "image": "a.png", "question": "Q?", "response": RESPONSE}]
+    traces, quarantine, _ = run(tmp_path, rows)
+    assert [t["id"] for t in traces] == ["fine"]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("in-answer", "image_in_response")]

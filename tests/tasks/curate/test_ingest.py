@@ -317,6 +317,17 @@ def test_multiple_choice_options_and_letters(tmp_path):
     assert table.column("answer_source").to_pylist() == ["field", "none", "field"]
 
 
+def test_a_multiple_choice_answer_that_is_no_option_is_quarantined(tmp_path):
+    rows = [{"id": "e", "question": "Speed?", "options": ["A) 40", "B) 50"], "rationale": "150/3 = 50.", "correct": "E"},
+            {"id": "said-c", "question": "Half of 8?", "options": {"A": "2", "B": "4"}, "rationale": "8/2 = 4.\nAnswer: (C)"},
+            {"id": "ok", "question": "Half of 8?", "options": {"A": "2", "B": "4"}, "rationale": "8/2 = 4.",
+             "correct": "B"}]
+    _, table, quarantine = run(tmp_path, rows, Params(preset="multiple_choice"))
+    assert table.column("id").to_pylist() == ["ok"]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("e", "answer_not_in_options"),
+                                                           ("said-c", "answer_not_in_options")]
+
+
 def test_presets_fill_only_the_keys_left_at_their_defaults():
     assert Params(preset="alpaca").resolved().question_fields == ("instruction",)
     assert Params(preset="alpaca", question_fields=("task",)).resolved().question_fields == ("task",)

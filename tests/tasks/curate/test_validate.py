@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.core.schema import EXTRACT_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA, TRACE_SCHEMA
+from tasks.core.schema import (CLUSTER_SCHEMA, EXTRACT_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA, TRACE_SCHEMA,
+                               content_hash)
 from tasks.core.stage import ParamsError, params_from_dict, write_json, write_parquet
 from tasks.curate.select import Params as SelectParams
 from tasks.curate.select import select
@@ -19,19 +20,25 @@ from tests.tasks.curate.test_select import make_records, segment_rows, write_sam
 N_TRACES = 20
 
 
-def write_stage(outputs: Path, stage: str, read: int, kept: int, quarantine: list[dict] = ()) -> None:
+def write_stage(outputs: Path, stage: str, read: int, kept: int, quarantine: list[dict] = (), extra: dict = {}) -> None:
     lines = "".join(json.dumps({"stage": stage, "id": q["id"], "source_row": None, "reason": "bad",
                                 "detail": "bad record", "record": None}) + "\n" for q in quarantine)
     if stage in ("ingest", "segment", "extract"):
         (outputs / stage / "quarantine.jsonl").write_text(lines)
     write_json(outputs / stage / "stats.json",
-               {"stage": stage, "read": read, "kept": kept, "quarantined": len(quarantine)})
+               {"stage": stage, "read": read, "kept": kept, "quarantined": len(quarantine), **extra})
 
 
-def build_outputs(root: Path) -> Path:
-    """Every artifact of a 20-trace run (one quarantined at ingest), in its schema; select run for real."""
+def build_outputs(root: Path, questions: int | None = None, **select_params) -> Path:
+    """Every artifact of a 20-trace run (one quarantined at ingest), in its schema, its numbers consistent (hashes,
+    step and sample scores as score and aggregate compute them); cluster and select run for real. `questions`:
+    that many distinct questions, the responses spread over them (several responses per question)."""
     outputs = root / "outputs"
     rows = segment_rows(make_records(N_TRACES))
+    if questions is not None:
+        rows = [row | {"prompt_messages": json.dumps([{"role": "user", "content": f"Question {k % questions}?"}])}
+                for k, row in enumerate(rows)]
+    rows = [row | {"content_hash": content_hash(row["prompt_messages"], row["response"])} for row in rows]
     ids = [r["id"] for r in rows]
     write_parquet(outputs / "ingest" / "traces.parquet",
                   pa.Table.from_pylist([{k: r[k] for k in TRACE_SCHEMA.names} for r in rows], schema=TRACE_SCHEMA))
@@ -48,15 +55,20 @@ def build_outputs(root: Path) -> Path:
         write_parquet(outputs / "extract" / "shards" / f"{shard}.parquet", table)
     write_stage(outputs, "extract", N_TRACES, N_TRACES)
 
-    steps = [{"id": i, "step_index": 0, "alpha": 0.2, "consistency": 0.2, "step_score": 0.2, "n_tokens": 5}
-             for i in ids]
-    write_parquet(outputs / "score" / "step_scores.parquet", pa.Table.from_pylist(steps, schema=STEP_SCORE_SCHEMA))
-    write_stage(outputs, "score", N_TRACES, N_TRACES)
+    # one step per trace, alpha = consistency = step score = the sample score (aggregate.how mean)
     scores = [((k * 7) % N_TRACES) / N_TRACES for k in range(N_TRACES)]
+    steps = [{"id": i, "step_index": 0, "alpha": s, "consistency": s, "step_score": s, "n_tokens": 5}
+             for i, s in zip(ids, scores)]
+    write_parquet(outputs / "score" / "step_scores.parquet", pa.Table.from_pylist(steps, schema=STEP_SCORE_SCHEMA))
+    write_stage(outputs, "score", N_TRACES, N_TRACES, extra={"lambda_": 0.5, "first_step": "alpha"})
+    write_parquet(outputs / "cluster" / "clusters.parquet", pa.table(
+        {"id": ids, "cluster": [k % 3 for k in range(N_TRACES)]}, schema=CLUSTER_SCHEMA))
+    write_stage(outputs, "cluster", N_TRACES, N_TRACES)
     write_sample_scores(outputs / "aggregate" / "sample_scores.parquet", ids, scores, [8] * N_TRACES)
-    write_stage(outputs, "aggregate", N_TRACES, N_TRACES)
+    write_stage(outputs, "aggregate", N_TRACES, N_TRACES, extra={"method": "grace", "how": "mean"})
     select(outputs / "aggregate" / "sample_scores.parquet", outputs / "segment" / "segments.parquet",
-           outputs / "select", SelectParams(fractions=(0.1, 0.2), token_budget=30))
+           outputs / "select", SelectParams(**{"fractions": (0.1, 0.2), "token_budget": 30, **select_params}),
+           clusters=outputs / "cluster" / "clusters.parquet")
     return outputs
 
 
@@ -73,6 +85,7 @@ def test_consistent_outputs_pass_and_write_data_docs(outputs, tmp_path):
     assert set(report["suites"]) == {
         "schema", "ingest_traces", "segment_segments", "extract", "extract_shapes", "score_step_scores",
         "aggregate_sample_scores", "select_ranking", "reconcile", "select_subsets", "select_ids", "score_missing",
+        "cluster_clusters", "recomputed_hashes", "segment_spans", "recomputed_step_scores", "recomputed_sample_scores",
     }
     assert all(s["n_expectations"] > 0 and s["success"] for s in report["suites"].values())
     index = out_dir / "data_docs" / "index.html"

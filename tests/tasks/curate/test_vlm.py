@@ -3,6 +3,7 @@ spans over the expanded tokens, the model stage, and refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def image_prompt(tmp_path: Path, colour: str = "red", n: int = 1) -> str:
     for index in range(n):
         path = tmp_path / f"{colour}-{index}.png"
         Image.new("RGB", (40, 30), colour).save(path)
-        parts.append({"type": "image", "image": str(path), "sha256": "0" * 64})
+        parts.append({"type": "image", "image": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     return json.dumps([{"role": "user", "content": parts + [{"type": "text", "text": "How tall is the bar?"}]}])
 
 
@@ -106,6 +107,51 @@ def test_a_batch_of_image_and_text_traces_gives_each_its_own_numbers(scorer, tmp
     alone = [scorer.launch([trace], head_variant=False).collect()[0] for trace in traces]
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a.proxy_gram, b.proxy_gram, atol=1e-5, rtol=1e-4)
+
+
+def test_an_image_changed_since_ingest_is_quarantined_not_scored(scorer, tmp_path):
+    """extract checks each image against the sha256 ingest recorded (issue 22): a swapped file would be scored under
+    the old trace key (and cached there), an unreadable one stopped the run; each is now one refused trace."""
+    from PIL import Image
+
+    prompt = image_prompt(tmp_path, "red")
+    fine = (json.dumps([{"role": "user", "content": "How tall?"}]), RESPONSE, SPANS)
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "red-0.png")  # swapped for another image
+    swapped, kept = encode_multimodal(scorer.processor, [(prompt, RESPONSE, SPANS), fine], max_length=512)
+    assert isinstance(swapped, SpanError) and swapped.reason == "image_changed" and "red-0.png" in swapped.detail
+    assert not isinstance(kept, SpanError)
+    (tmp_path / "red-0.png").write_bytes(b"not an image any more")
+    prompt = prompt.replace(json.loads(prompt)[0]["content"][0]["sha256"],
+                            hashlib.sha256(b"not an image any more").hexdigest())
+    (broken,) = encode_multimodal(scorer.processor, [(prompt, RESPONSE, SPANS)], max_length=512)
+    assert isinstance(broken, SpanError) and broken.reason == "image_unreadable"
+    (tmp_path / "red-0.png").unlink()
+    (gone,) = encode_multimodal(scorer.processor, [(prompt, RESPONSE, SPANS)], max_length=512)
+    assert isinstance(gone, SpanError) and gone.reason == "image_missing"
+
+
+def test_extract_never_caches_a_changed_image_under_the_old_trace_key(vlm_dir, tmp_path):
+    """A swapped image is quarantined (image_changed), that outcome is not cached: with the file restored, the same
+    cache gives the trace back."""
+    from PIL import Image
+
+    from tasks.curate import extract, ingest, segment
+
+    for name, colour in (("a", "red"), ("b", "green")):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{name}.png")
+    rows = [{"id": name, "image": f"{name}.png", "question": "How tall is the bar?", "response": RESPONSE}
+            for name in ("a", "b")]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ingest.ingest(tmp_path / "pool.jsonl", tmp_path / "ingest", ingest.Params(image_root=str(tmp_path)))
+    segment.segment(tmp_path / "ingest" / "traces.parquet", tmp_path / "segment", segment.Params())
+    params = extract.Params(device="cpu", cache_dir=str(tmp_path / "cache"))
+    original = (tmp_path / "a.png").read_bytes()
+    Image.new("RGB", (40, 30), "blue").save(tmp_path / "a.png")
+    swapped = extract.extract(tmp_path / "segment" / "segments.parquet", vlm_dir, tmp_path / "x1", params)
+    assert (swapped["kept"], swapped.get("quarantined_image_changed")) == (1, 1)
+    (tmp_path / "a.png").write_bytes(original)
+    restored = extract.extract(tmp_path / "segment" / "segments.parquet", vlm_dir, tmp_path / "x2", params)
+    assert (restored["kept"], restored["quarantined"]) == (2, 0)
 
 
 def test_too_long_image_trace_is_refused_not_cut(scorer, tmp_path):

@@ -283,3 +283,26 @@ def test_calibration_rows_draw_from_the_labels(curation, tmp_path):
                       curation["clusters"], tmp_path / "s", tmp_path / "w", tmp_path / "out2",
                       dataclasses.replace(params, fractions=(0.75,), dose_fraction=None), score.Params(),
                       aggregate.Params(), select.Params(), labels=labels)
+@pytest.mark.parametrize("values, message", [
+    ({"variants": [{"nme": "a"}]}, r"entry \{'nme': 'a'\}: unknown key\(s\) \['nme'\]"),  # not "distinct names"
+    ({"variants": [{"name": "p", "gradient": "projected", "scorer": "w"}], "scorers": {"w": {"projected": False}}},
+     "gradient projected needs projected Grams, which scorer w does not extract; set "
+     "finetune_eval.scorers.w.projected: true"),
+    ({"lora_targets": []}, "finetune_eval.lora_targets"),
+])
+def test_variant_params_that_would_fail_later_are_refused_at_once(values, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(Params, "finetune_eval", {"variants": [], "scorers": {}, **values})
+
+
+def test_a_projected_variant_on_an_extract_without_projected_grams_stops_before_any_run(curation, tmp_path):
+    """The curation's extract (scorer base) ran without extract.projected: one line, before any subset is built."""
+    from tasks.core.stage import StageInputError
+
+    params = Params(methods=("grace",), fractions=(0.25,), scorers={},
+                    variants=({"name": "grace-projected", "gradient": "projected"},))
+    with pytest.raises(StageInputError, match="finetune_eval.variants: grace-projected uses gradient projected on "
+                                              "scorer base, whose extract .* has no projected_gram for 8 traces; "
+                                              "set extract.projected: true"):
+        subsets(curation, tmp_path / "out", params)
+    assert not (tmp_path / "out" / "grace").exists()  # stopped at the start, not after the other methods

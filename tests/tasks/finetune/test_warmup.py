@@ -65,7 +65,8 @@ def test_warmed_model_learned_its_slice_and_extract_loads_it(tmp_path, tiny_mode
 def test_bad_params_name_the_setting():
     for values, setting in (({"fraction": 0}, "warmup.fraction"), ({"fraction": 1.5}, "warmup.fraction"),
                             ({"learning_rate": "1e-3"}, "warmup.learning_rate"), ({"mode": "qlora"}, "warmup.mode"),
-                            ({"lora_layers": 0}, "warmup.lora_layers")):
+                            ({"lora_layers": 0}, "warmup.lora_layers"), ({"lora_targets": []}, "warmup.lora_targets"),
+                            ({"lora_targets": [""]}, "warmup.lora_targets")):
         with pytest.raises(ParamsError, match=setting):
             params_from_dict(Params, "warmup", values)
 
@@ -77,3 +78,18 @@ def test_cli_runs_the_stage(tmp_path, tiny_model_dir):
     stats = main(["--params", str(params_file), "--segments", str(segments), "--model", str(tiny_model_dir),
                   "--out-dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "model" / "model_info.json").is_file() and stats["n_warmup"] >= 1
+
+
+def test_lora_targets_the_model_lacks_stop_the_stage_with_one_line(tmp_path, tiny_model_dir, capsys):
+    """A module name no layer of the model has fails at the start of training, naming the setting and the layers."""
+    segments = build_segments(tmp_path, [dict(row) for row in GSM_ROWS])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("warmup:\n  fraction: 0.5\n  device: cpu\n  lora_targets: [q_proj, qkv_proj]\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--params", str(params_file), "--segments", str(segments), "--model", str(tiny_model_dir),
+              "--out-dir", str(tmp_path / "out")])
+    stderr = capsys.readouterr().err
+    [error] = [line for line in stderr.splitlines() if "error:" in line]  # transformers' load bar aside
+    assert stopped.value.code == 2 and "Traceback" not in stderr
+    assert "warmup.lora_targets: ['qkv_proj'] name no layer of the model; its layers are [" in error
+    assert "'q_proj'" in error and not (tmp_path / "out" / "model").exists()
