@@ -33,6 +33,7 @@ from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SU
                           dask_task_runner, ingest_task, model_task, prefect_settings, retry_if_transient, score_task,
                           segment_task, stage_paths, summary_markdown, validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
+from tests.params_yaml import committed_document
 
 STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "aggregate", "select", "validate", "export",
           "report"]  # unconditional runs for score.method ifd only
@@ -202,7 +203,7 @@ def test_stage_paths_are_dvc_yaml_paths():
     # unconditional, which only score.method ifd reads, is finetune/dvc.yaml's (where the ifd subsets are made)
     dvc_stages["unconditional"] = yaml.safe_load((REPO / "finetune/dvc.yaml").read_text(encoding="utf-8"))[
         "stages"]["unconditional"]
-    pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
+    pool = committed_document()["data"]["pool"]
     assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
     for stage, paths in stage_paths(pool, "outputs").items():
         argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)

@@ -27,6 +27,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.curate import SUMMARY_ARTIFACT_KEY, curate
 from flows.serve import DeploymentSpec, spec_from_args
+from tests.params_yaml import committed_document
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 180  # a cold server start (imports, database migrations) takes tens of seconds
@@ -106,7 +107,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def workspace(tmp_path, gsm_rows, tiny_model_dir) -> Path:
     """A params file on the tiny local model and a three-trace GSM pool, as a user's directory would hold them."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = committed_document()
     params["model"]["source"] = str(tiny_model_dir)
     params["extract"]["cache_dir"] = None  # no cache: the run must compute everything it reports
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

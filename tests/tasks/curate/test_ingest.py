@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.schema import TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, StageInputError, load_params, params_from_dict
+from tasks.core.stage import ParamsError, StageInputError, params_from_dict
 from tasks.curate.ingest import Params, extract_final_answer, ingest, main
+from tests.params_yaml import committed_file, defaults_are_the_section
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -217,8 +218,8 @@ def test_extract_final_answer(text, patterns, expected):
     assert extract_final_answer(text, patterns) == expected
 
 
-def test_params_defaults_are_the_params_yaml_section():
-    assert load_params(Params, "ingest", REPO / "params.yaml") == Params()
+def test_params_defaults_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "ingest", tmp_path)
     with pytest.raises(ParamsError, match="ingest.format"):
         params_from_dict(Params, "ingest", {"format": "csv"})
     with pytest.raises(ParamsError, match="ingest.answer_patterns"):
@@ -227,7 +228,8 @@ def test_params_defaults_are_the_params_yaml_section():
 
 def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     source = write_jsonl(tmp_path / "pool.jsonl", gsm_rows)
-    stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")])
+    params = committed_file(tmp_path / "params")
+    stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(params)])
     assert stats["kept"] == 3
     # images/: dvc.yaml's out of ingest, there (empty) for a text pool too
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"traces.parquet", "quarantine.jsonl", "stats.json",
@@ -236,7 +238,7 @@ def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     capsys.readouterr()  # the first run's count line
     with pytest.raises(SystemExit) as stopped:  # on the command line a setting to change is one line, not a traceback
         main(["--input", str(tmp_path / "pool.txt"), "--out-dir", str(tmp_path / "x"),
-              "--params", str(REPO / "params.yaml")])
+              "--params", str(params)])
     assert stopped.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("python -m tasks.curate.ingest: error: ingest.format") and "pool.txt" in line

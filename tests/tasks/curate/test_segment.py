@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, load_params, params_from_dict
+from tasks.core.stage import ParamsError, params_from_dict
 from tasks.curate.ingest import Params as IngestParams
 from tasks.curate.ingest import ingest
 from tasks.curate.segment import STRATEGIES, Params, Unsegmentable, main, segment, segment_text, split_steps
+from tests.params_yaml import committed_file, defaults_are_the_section
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 def texts(text: str, spans: list[tuple[int, int]]) -> list[str]:
@@ -256,14 +256,14 @@ def test_split_steps_on_empty_or_blank_text():
     assert split_steps("", "newline") == [] and split_steps(" \n\t ", "sentence") == []
 
 
-def test_params_defaults_are_the_params_yaml_section():
-    assert load_params(Params, "segment", REPO / "params.yaml") == Params()
+def test_params_defaults_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "segment", tmp_path)
     with pytest.raises(ParamsError, match="segment.strategy"):
         params_from_dict(Params, "segment", {"strategy": "words"})
 
 
 def test_cli_runs_the_stage(tmp_path, gsm_rows):
     traces = ingested(tmp_path, gsm_rows)
-    stats = main(["--traces", str(traces), "--out-dir", str(tmp_path / "seg"), "--params", str(REPO / "params.yaml")])
+    stats = main(["--traces", str(traces), "--out-dir", str(tmp_path / "seg"), "--params", str(committed_file(tmp_path / "params"))])
     assert stats["kept"] == 3 and stats["strategy"] == "newline"
     assert {p.name for p in (tmp_path / "seg").iterdir()} == {"segments.parquet", "quarantine.jsonl", "stats.json"}
