@@ -87,6 +87,8 @@ def test_cli_writes_shards_quarantine_and_stats(tmp_path, segments, tiny_model_d
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (8, 6, 2)
     assert stats["quarantined_invalid_spans"] == stats["quarantined_response_exceeds_context"] == 1
     assert stats["shards"] == 3 and 0 <= stats["padding_waste"] < 1 and stats["tokens_per_s"] > 0
+    # timings stay in stats.json: in the DVC metrics file every cross-machine `dvc metrics diff` would list them
+    assert json.loads((out_dir / "metrics.json").read_text()) == {"loss_tokens": stats["loss_tokens"]}
     reasons = {json.loads(line)["id"]: json.loads(line)["reason"]
                for line in (out_dir / "quarantine.jsonl").read_text().splitlines()}
     assert reasons == {"bad-spans": "invalid_spans", "too-long": "response_exceeds_context"}
