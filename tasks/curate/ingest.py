@@ -48,9 +48,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "metamath": {"question_fields": ("query",), "response_fields": ("response",), "answer_patterns": ("answer_is",)},
     # NuminaMath / OpenR1-Math: {"problem", "solution" with \boxed{}, "generations": [...], "uuid"};
     # each generation is its own trace (the solution only where there are none); their own
-    # `messages` copy of the solution is not read.
+    # `messages` copy of a generation is not read, but in the kept record it holds the selected one, and
+    # the per-generation lists hold only its entry.
     "numina": {"id_field": "uuid", "question_fields": ("problem",), "response_fields": ("solution",),
-               "generations_field": "generations", "messages_field": None, "answer_patterns": ("boxed", "answer_is")},
+               "generations_field": "generations", "messages_field": None, "answer_patterns": ("boxed", "answer_is"),
+               "generation_fields": ("messages", "correctness_math_verify", "correctness_llama",
+                                     "is_reasoning_complete", "finish_reasons")},
     # Multiple choice (AQuA-RAT style): {"question", "options": ["A) 21", ...] or {"A": ...}, "rationale",
     # "correct": "B"}; the options are appended to the question, the answer is a letter.
     "multiple_choice": {"question_fields": ("question",), "options_field": "options",
@@ -76,6 +79,12 @@ class Params:
     preset: str | None = None  # a named layout (PRESETS) filling the keys left at their defaults
     input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
     generations_field: str | None = None  # a list of solutions per problem: one trace each
+    # fields that follow the generation in each trace's record (raw, the subsets' own format): a list as long
+    # as generations keeps only the selected entry; a chat list gets it as its last assistant turn
+    generation_fields: tuple[str, ...] = ()
+    # true: an exact repeat (same prompt turns and response) of a kept trace is quarantined (duplicate_response);
+    # false keeps repeats, e.g. when they are meant to weigh a rejection-sampled answer twice
+    drop_duplicate_responses: bool = True
     options_field: str | None = None  # multiple-choice options, appended to the question as "A) ..." lines
     # null: image fields are ignored (text-only, as before); a directory: records with images are read as
     # multimodal traces (tasks/curate/images.py), their image paths relative to it. The traces record each
@@ -148,8 +157,34 @@ def _first_text(record: dict, fields: tuple[str, ...], role: str) -> str:
     raise Rejected("missing_field", f"no {role} field; looked for {list(fields)}{_hint(record)}")
 
 
+def _response_text(record: dict, fields: tuple[str, ...]) -> str:
+    """The response: the one response field present, or of several the longest text. A {question, response,
+    answer} record's one-token `answer` is the final answer, not the reasoning to score."""
+    texts = [f for f in fields if isinstance(record.get(f), str) and record[f].strip()]
+    if len(texts) > 1:
+        return record[max(texts, key=lambda f: len(record[f].strip()))]  # the first of equally long ones
+    return _first_text(record, fields, "response")
+
+
+def _content_text(content: Any, field: str, index: int) -> Any:
+    """OpenAI content parts [{"type": "text", "text": ...}, ...] as one text (parts joined by a line break);
+    any other value is returned as it is for _turn to judge."""
+    if not (isinstance(content, list) and content and all(isinstance(part, dict) for part in content)):
+        return content
+    other = sorted({str(part.get("type")) for part in content if part.get("type") != "text"})
+    if other:
+        raise Rejected("wrong_type", f"{field}[{index}] content holds parts of type {other}; only text parts are "
+                                     "read as text (set ingest.image_root for image parts)")
+    if not all(isinstance(part.get("text"), str) for part in content):
+        raise Rejected("wrong_type", f"{field}[{index}] content holds a text part without a string `text`")
+    return "\n".join(part["text"] for part in content)
+
+
 def _turn(message: Any, field: str, index: int) -> dict:
-    """One chat turn as {role, content}, from OpenAI {role, content} or ShareGPT {from, value}."""
+    """One chat turn as {role, content}, from OpenAI {role, content} (a string or text parts) or ShareGPT
+    {from, value}."""
+    if isinstance(message, dict) and isinstance(message.get("role"), str):
+        message = {**message, "content": _content_text(message.get("content"), field, index)}
     if isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str):
         return {"role": message["role"], "content": message["content"]}
     if isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str):
@@ -252,7 +287,7 @@ def _text_trace(record: dict, params: Params, response: str | None = None) -> di
     else:
         question = _question(record, params)
         if response is None:
-            response = _first_text(record, params.response_fields, "response")
+            response = _response_text(record, params.response_fields)
         elif not response.strip():
             raise Rejected("empty_field", f"generation in {params.generations_field!r} is empty")
         prompt = [{"role": "user", "content": question}]
@@ -304,8 +339,24 @@ def _candidates(record: dict, params: Params) -> list[tuple[dict, str | None, st
         raise Rejected("empty_field", f"generations field {params.generations_field!r} is an empty list")
     base = _record_id(record, params) or "h-" + content_hash(json.dumps(_question(record, params)), "")[:16]
     # raw: the record with only this solution, so a subset written in the input's format holds one each
-    return [({**record, params.generations_field: [text]}, text, f"{base}-{index}")
+    return [(_one_generation(record, params, index, text), text, f"{base}-{index}")
             for index, text in enumerate(generations)]
+
+
+def _one_generation(record: dict, params: Params, index: int, text: Any) -> dict:
+    """The record as if it held generation `index` only: generations_field and every generation_fields
+    entry follow it (a per-generation list keeps its entry, a chat copy gets it as the last assistant turn)."""
+    one = {**record, params.generations_field: [text]}
+    n = len(record[params.generations_field])
+    for field in params.generation_fields:
+        value = record.get(field)
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            last = max((i for i, m in enumerate(value) if m["role"] == "assistant"), default=len(value))
+            one[field] = [*value[:last], {**(value[last] if last < len(value) else {"role": "assistant"}),
+                                          "content": text}, *value[last + 1:]]
+        elif isinstance(value, list) and len(value) == n:
+            one[field] = [value[index]]
+    return one
 
 
 def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
@@ -323,7 +374,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     params, out_dir = params.resolved(), Path(out_dir)
     ledger = StageLedger("ingest")
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
-    seen_ids: set[str] = set()
+    seen: dict[str, str] = {}  # "id:<id>" and "hash:<content hash>" of kept traces -> the id kept first
     sources: Counter[str] = Counter()
     ledger.extra.update(preset=params.preset, generations_expanded=0)
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
@@ -348,7 +399,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
                 continue
             if trace_id is not None:
                 trace["id"] = trace_id
-            _keep(trace, row, columns, seen_ids, sources, ledger, record, params)
+            _keep(trace, row, columns, seen, sources, ledger, record, params)
     ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
     write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
     ledger.extra["answer_source"] = dict(sorted(sources.items()))
@@ -357,13 +408,20 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 
-def _keep(trace: dict, row: int, columns: dict[str, list], seen_ids: set[str], sources: Counter,
+def _keep(trace: dict, row: int, columns: dict[str, list], seen: dict[str, str], sources: Counter,
           ledger: StageLedger, record: dict, params: Params) -> None:
-    if trace["id"] in seen_ids:
+    rejected = None
+    if "id:" + trace["id"] in seen:
         rejected = Rejected("duplicate_id", f"id {trace['id']!r} was already kept from an earlier record")
+    elif params.drop_duplicate_responses and "hash:" + trace["content_hash"] in seen:
+        first = seen["hash:" + trace["content_hash"]]
+        rejected = Rejected("duplicate_response", f"the same prompt and response as {first!r}, kept earlier "
+                                                  "(ingest.drop_duplicate_responses)")
+    if rejected is not None:
         _quarantine(ledger, rejected, row, record, params, trace_id=trace["id"])
         return
-    seen_ids.add(trace["id"])
+    seen["id:" + trace["id"]] = trace["id"]
+    seen.setdefault("hash:" + trace["content_hash"], trace["id"])
     sources[trace["answer_source"]] += 1
     columns["source_row"].append(row)
     for name, value in trace.items():

@@ -305,6 +305,59 @@ def test_numina_generations_become_one_trace_each(tmp_path):
     assert (stats["read"], stats["kept"], stats["generations_expanded"]) == (6, 3, 3)  # 4 + 1 + 1 reads
 
 
+def test_numina_everything_per_generation_follows_the_selected_one(tmp_path):
+    """OpenR1: a trace of generation 2 keeps generation 2 in its own `messages` and per-generation lists."""
+    generations = ["A: $\\boxed{5}$.", "B: 2 + 3 = $\\boxed{5}$.", "C: 2 + 3 is $\\boxed{6}$."]
+    rows = [{"uuid": "p1", "problem": "2+3?", "solution": "$\\boxed{5}$", "generations": generations,
+             "messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": generations[0]}],
+             "correctness_math_verify": [True, True, False], "is_reasoning_complete": [True, True, True],
+             "finish_reasons": ["stop", "stop", "length"], "correctness_llama": None, "correctness_count": 2}]
+    _, table, _ = run(tmp_path, rows, Params(preset="numina"))
+    raw = {row["id"]: json.loads(row["raw"]) for row in table.to_pylist()}
+    third = raw["p1-2"]
+    assert third["generations"] == [generations[2]]
+    assert third["messages"] == [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": generations[2]}]
+    assert (third["correctness_math_verify"], third["is_reasoning_complete"], third["finish_reasons"]) == \
+        ([False], [True], ["length"])
+    assert third["correctness_llama"] is None and third["correctness_count"] == 2  # not per generation: as it was
+    assert raw["p1-1"]["messages"][1]["content"] == generations[1]
+
+
+def test_an_exact_repeat_of_a_response_is_quarantined_with_its_reason(tmp_path):
+    same = "2 + 3 = 5.\nSo $\\boxed{5}$."
+    rows = [{"uuid": "p1", "problem": "2+3?", "solution": "5", "generations": [same, same, "Five: $\\boxed{5}$."]},
+            {"uuid": "p2", "problem": "2+3?", "solution": same}]  # the same question and response in another record
+    stats, table, quarantine = run(tmp_path, rows, Params(preset="numina"))
+    assert table.column("id").to_pylist() == ["p1-0", "p1-2"]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("p1-1", "duplicate_response"), ("p2", "duplicate_response")]
+    assert "the same prompt and response as 'p1-0'" in quarantine[0]["detail"]
+    assert stats["quarantined_duplicate_response"] == 2 and stats["read"] == stats["kept"] + stats["quarantined"]
+    _, kept_all, _ = run(tmp_path / "keep", rows, Params(preset="numina", drop_duplicate_responses=False))
+    assert kept_all.num_rows == 4
+
+
+def test_question_response_answer_records_score_the_reasoning_not_the_answer(tmp_path):
+    """The default response_fields list `answer` first: of several present, the longest text is the response."""
+    rows = [{"id": "q1", "question": "6 x 9?", "response": "6 x 9 = 54.\nThe answer is 54.", "answer": "54"},
+            {"id": "q2", "question": "2+2?", "answer": "2 + 2 = 4.\n#### 4"}]  # GSM8K: `answer` alone is the response
+    _, table, _ = run(tmp_path, rows)
+    assert table.column("response").to_pylist() == ["6 x 9 = 54.\nThe answer is 54.", "2 + 2 = 4.\n#### 4"]
+    assert table.column("final_answer").to_pylist() == ["54", "4"]
+
+
+def test_openai_text_content_parts_are_read_as_text(tmp_path):
+    parts = [{"type": "text", "text": "What is 2+3?"}, {"type": "text", "text": "Show your work."}]
+    rows = [{"id": "c1", "messages": [{"role": "user", "content": parts},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "2+3 = 5.\n#### 5"}]}]},
+            {"id": "c2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                                      {"role": "assistant", "content": "5"}]}]
+    _, table, quarantine = run(tmp_path, rows)
+    row = table.to_pylist()[0]
+    assert (row["question"], row["response"], row["final_answer"]) == ("What is 2+3?\nShow your work.", "2+3 = 5.\n#### 5", "5")
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("c2", "wrong_type")]
+    assert "parts of type ['image_url']; only text parts are read as text" in quarantine[0]["detail"]
+
+
 def test_multiple_choice_options_and_letters(tmp_path):
     rows = [{"question": "Speed of 150 km in 3 h?", "options": ["A) 40", "B) 50"], "rationale": "150/3 = 50.\nAnswer: (B)",
              "correct": "B"},
