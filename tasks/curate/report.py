@@ -251,7 +251,8 @@ td:first-child,th:first-child,td.text{text-align:left}.trace{border:1px solid #d
 .meta{font-size:12px;color:#555}.question{margin:.4em 0;font-style:italic}td.text{overflow-wrap:anywhere}
 pre{white-space:pre-wrap;font-size:13px;line-height:1.6}.answer{text-decoration:underline 2px;font-weight:bold}
 .n{font-size:10px;color:#555;vertical-align:super;margin:0 2px}.caption{font-size:13px;color:#444}
-.failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}"""
+.failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}
+.warning{border:2px solid #b2182b;padding:0 1em;margin:1em 0}"""
 
 
 def stage_rows(stats: list[dict[str, Any]]) -> str:
@@ -260,12 +261,18 @@ def stage_rows(stats: list[dict[str, Any]]) -> str:
         reasons = ", ".join(f"{k.removeprefix('quarantined_')}: {v}" for k, v in s.items()
                             if k.startswith("quarantined_"))
         other = "; ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in s.items()
-                          if k not in LEDGER_KEYS and not k.startswith("quarantined_"))
+                          if k not in LEDGER_KEYS and k != "warnings" and not k.startswith("quarantined_"))
         cells = [escape(s["stage"])] + [escape(str(s.get(k, "-"))) for k in LEDGER_KEYS[1:]]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
                     f'<td class="text">{escape(reasons) or "-"}</td><td class="text">{escape(other)}</td></tr>')
     return ("<table><tr><th>stage</th><th>read</th><th>kept</th><th>quarantined</th><th>by reason</th>"
             "<th>other</th></tr>" + "".join(rows) + "</table>")
+
+
+def warnings_html(stats: list[dict[str, Any]]) -> str:
+    """The stages' warnings (stats.json `warnings`), first on the page: what makes the scores mean less."""
+    items = "".join(f"<li>{escape(s['stage'])}: {escape(w)}</li>" for s in stats for w in s.get("warnings", []))
+    return f'<div class="warning"><h2>Warnings</h2><ul>{items}</ul></div>' if items else ""
 
 
 def header_html(header: dict[str, Any]) -> str:
@@ -311,7 +318,7 @@ def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds:
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>GRACE curation report</title>
 <style>{CSS}</style></head><body><h1>GRACE curation report</h1>
 <p>{n_scored} traces scored.</p>
-{header_html(header)}
+{warnings_html(stats)}{header_html(header)}
 <h2>Subsets</h2><table><tr><th>subset</th><th>size</th><th>lowest kept score</th>
 <th>responses per question (responses x questions)</th></tr>{subset_rows}</table>
 <h2>Per-stage counts</h2>{stage_rows(stats)}

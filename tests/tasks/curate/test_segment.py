@@ -74,6 +74,22 @@ def test_gsm_rows_newline_segments(tmp_path, gsm_rows):
     assert stats["single_step_traces"] == 0
     assert segment(tmp_path / "ingest" / "traces.parquet", tmp_path / "para", Params(strategy="paragraph"))[
         "single_step_traces"] == 3
+    assert "warnings" not in stats
+
+
+def test_most_traces_in_one_step_is_a_warning_naming_the_strategy(tmp_path, caplog):
+    """Prose with several sentences a line: newline finds one step each, so every score is alpha alone."""
+    rows = [{"id": f"p{i}", "question": f"{i} + {i}?",
+             "response": f"We add {i} and {i}. That makes {2 * i}. Check it twice. So there are {2 * i} apples."}
+            for i in range(4)]
+    traces = ingested(tmp_path, rows)
+    with caplog.at_level("WARNING", logger="tasks.segment"):
+        stats = segment(traces, tmp_path / "seg", Params())
+    [warning] = stats["warnings"]
+    assert warning == ("4 of 4 traces have one step: segment.strategy newline found no step breaks in them, so their "
+                       "score is alpha alone; for prose with several sentences a line, set segment.strategy: sentence")
+    assert warning in caplog.text
+    assert "warnings" not in segment(traces, tmp_path / "sent", Params(strategy="sentence"))
 
 
 def test_strip_calculator_spans_refer_to_the_stripped_text(tmp_path, gsm_rows):
