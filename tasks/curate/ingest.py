@@ -34,7 +34,7 @@ from tasks.curate.readers import read_records
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk")
+FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk", "hub")
 # A preset fills in the keys of the section left at their defaults (a key set by hand wins), so each
 # layout is one documented field mapping. README "Your own data" has one command per preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,7 +69,8 @@ OPTION_LETTERS = "ABCDEFGHIJ"
 
 @params_section("ingest")
 class Params:
-    format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk
+    format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk | hub
+    split: str | None = None  # the split of a DatasetDict (saved or hub) to read; null: its only split
     id_field: str | None = "id"  # null or missing: id = "h-" + 16 hex of the content hash
     question_fields: tuple[str, ...] = ("question", "prompt", "instruction", "problem")  # first present wins
     response_fields: tuple[str, ...] = ("answer", "response", "solution", "output", "completion")
@@ -379,7 +380,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     ledger.extra.update(preset=params.preset, generations_expanded=0)
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
     store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images")
-    for row, source_record in read_records(Path(input), params.format, ledger):
+    for row, source_record in read_records(Path(input), params.format, ledger, params.split):
         fields_seen.update(source_record)
         try:
             candidates = _candidates(source_record, params)

@@ -94,13 +94,62 @@ def test_jsonl_parquet_and_hf_disk_give_the_same_table(tmp_path, gsm_rows, rows)
         assert tables[name].equals(tables["in.jsonl"]), name
 
 
-def test_hf_dataset_dict_with_several_splits_names_them(tmp_path, gsm_rows):
+def test_a_dataset_dict_is_read_at_ingest_split(tmp_path, gsm_rows):
     import datasets
 
-    split = datasets.Dataset.from_list(gsm_rows)
-    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match="train"):
-        ingest(tmp_path / "hf", tmp_path / "out", Params())
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(gsm_rows[:2]),
+                          "test": datasets.Dataset.from_list(gsm_rows[2:])}).save_to_disk(str(tmp_path / "hf"))
+    assert ingest(tmp_path / "hf", tmp_path / "out", Params(split="test"))["kept"] == 1
+    with pytest.raises(ParamsError) as refused:  # one line on the command line, naming the splits and the setting
+        ingest(tmp_path / "hf", tmp_path / "out2", Params())
+    assert str(refused.value) == (f"ingest.split: {tmp_path / 'hf'} holds splits ['train', 'test'] and ingest.split "
+                                  "is null; set ingest.split to one of them")
+    with pytest.raises(ParamsError, match="it has no split 'validation'"):
+        ingest(tmp_path / "hf", tmp_path / "out3", Params(split="validation"))
+
+
+def test_compressed_jsonl_and_json_read_as_the_plain_file(tmp_path, gsm_rows):
+    import gzip
+
+    lines = [json.dumps(r).encode() for r in gsm_rows] + [b'{"id": "broken"']
+    plain = run(tmp_path / "plain", b"\n".join(lines) + b"\n")
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "in.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    stats = ingest(tmp_path / "gz" / "in.jsonl.gz", tmp_path / "gz" / "out", Params())
+    assert pq.read_table(tmp_path / "gz" / "out" / "traces.parquet").equals(plain[1])
+    assert stats["quarantined_malformed_json"] == 1  # a bad line still costs one record
+    (tmp_path / "gz" / "alpaca.json.gz").write_bytes(gzip.compress(json.dumps(gsm_rows).encode()))
+    assert ingest(tmp_path / "gz" / "alpaca.json.gz", tmp_path / "gz" / "out2", Params())["kept"] == 3
+    try:
+        import zstandard
+    except ImportError:  # zstandard is optional: a .zst file is then one line saying what to do
+        (tmp_path / "in.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+        with pytest.raises(StageInputError, match="zstandard-compressed, and the zstandard package is not installed"):
+            ingest(tmp_path / "in.jsonl.zst", tmp_path / "zst", Params())
+    else:
+        (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+        ingest(tmp_path / "in.jsonl.zst", tmp_path / "zst", Params())
+        assert pq.read_table(tmp_path / "zst" / "traces.parquet").equals(plain[1])
+
+
+def test_a_hub_id_is_read_by_load_dataset(tmp_path, gsm_rows, monkeypatch):
+    """Offline: a local dataset directory through the same datasets.load_dataset call a hub id takes."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "owner" / "gsm"
+    (repo / "data").mkdir(parents=True)
+    write_jsonl(repo / "data" / "train.jsonl", gsm_rows[:2])
+    write_jsonl(repo / "data" / "test.jsonl", gsm_rows[2:])
+    stats = ingest(repo, tmp_path / "out", Params(format="hub", split="train"))
+    assert stats["kept"] == 2
+    assert pq.read_table(tmp_path / "out" / "traces.parquet").column("id").to_pylist() == ["gsm-a", "gsm-b"]
+    called = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: called.append(name) or datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(gsm_rows)}))
+    assert ingest(Path("open-r1/OpenR1-Math-220k"), tmp_path / "out2", Params())["kept"] == 3  # auto: an id
+    assert called == ["open-r1/OpenR1-Math-220k"]
 
 
 def test_every_bad_record_kind_is_quarantined_with_its_reason(tmp_path, gsm_rows):
