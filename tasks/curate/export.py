@@ -10,10 +10,12 @@ Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
                   (TRL's conversational prompt-completion format: SFTTrainer then puts the loss on the
                   completion only, which messages.jsonl cannot give under a chat template with no
                   generation markers, SmolLM2's among them)
-  alpaca.json     [{"instruction": question, "input": "", "output": response, "system": system turn}, ...]
-                  ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
-                  question already holds an ingested Alpaca input, so "input" stays empty)
+  alpaca.json     [{"id", "instruction": question, "input": "", "output": response, "system": system turn,
+                  "score", "rank"}, ...] ("system" only where the prompt has one: LLaMA-Factory's alpaca
+                  `system` column; the question already holds an ingested Alpaca input, so "input" stays empty)
   data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
+Each file reads back through ingest with its preset (messages, prompt_completion, alpaca, grace_parquet)
+to the same ids and content hashes.
 Multimodal traces (ingest.image_root, tasks/curate/images.py) keep their image files: messages.jsonl and
 prompt_completion.jsonl get {"type": "image"} parts in the turns and the files in "images" (TRL,
 LLaMA-Factory), alpaca.json "<image>" placeholders in the instruction and "images", data.parquet an
@@ -73,6 +75,11 @@ def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
     return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
 
 
+def alpaca_row(id_: str, record: dict, ranked: dict) -> dict:
+    """An Alpaca record with the id (ingest's id_field reads it back) and the trace's score and rank."""
+    return {"id": id_, **record, "score": ranked["score"], "rank": ranked["rank"]}
+
+
 def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, dict], formats: tuple[str, ...],
                   ledger: StageLedger, subset: str) -> dict[str, bytes | pa.Table]:
     """The requested files of one subset, as bytes; every row counted or quarantined in `ledger`."""
@@ -107,7 +114,7 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
             elif fmt == "alpaca":
                 question = flat[-1]["content"] if image_files else trace["question"]
                 record = to_alpaca(flat, question, trace["response"])
-                record = record if record is None else record | extra
+                record = record if record is None else alpaca_row(id_, record, ranked) | extra
                 if record is None:
                     roles = [m["role"] for m in prompt]
                     ledger.reject("alpaca_multi_turn", f"subset {subset}: prompt roles {roles} have no Alpaca form",

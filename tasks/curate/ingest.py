@@ -42,8 +42,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "messages": {"messages_field": "messages"},
     # ShareGPT / LLaVA: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}.
     "sharegpt": {"messages_field": "conversations"},
-    # Alpaca: {"instruction", "input", "output"}; a non-empty input is appended to the instruction.
-    "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",)},
+    # Alpaca: {"instruction", "input", "output", "system"?}; a non-empty input is appended to the instruction,
+    # a system prompt (LLaMA-Factory's `system` column, export's alpaca.json) is a system turn before it.
+    "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",),
+               "system_field": "system"},
+    # TRL's conversational prompt-completion (export's prompt_completion.jsonl): {"prompt": [turns],
+    # "completion": [{"role": "assistant", ...}]}; prompt turns and completion read as one chat.
+    "prompt_completion": {"question_fields": ("prompt",), "response_fields": ("completion",), "messages_field": None},
+    # export's data.parquet: {"id", "prompt_messages": [turns], "response", "score", "rank"}.
+    "grace_parquet": {"question_fields": ("prompt_messages",), "response_fields": ("response",),
+                      "messages_field": None},
     # MetaMathQA: {"query", "response" ending "The answer is: X", "type", "original_question"}.
     "metamath": {"question_fields": ("query",), "response_fields": ("response",), "answer_patterns": ("answer_is",)},
     # NuminaMath / OpenR1-Math: {"problem", "solution" with \boxed{}, "generations": [...], "uuid"};
@@ -79,6 +87,7 @@ class Params:
     answer_patterns: tuple[str, ...] = ("gsm8k", "answer_is", "boxed")  # tried in this order
     preset: str | None = None  # a named layout (PRESETS) filling the keys left at their defaults
     input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
+    system_field: str | None = None  # a system prompt field: a system turn before the question where non-empty
     generations_field: str | None = None  # a list of solutions per problem: one trace each
     # fields that follow the generation in each trace's record (raw, the subsets' own format): a list as long
     # as generations keeps only the selected entry; a chat list gets it as its last assistant turn
@@ -282,9 +291,23 @@ def _multimodal_trace(record: dict, params: Params, response: str | None, store:
             "raw": json.dumps(images.raw_record(record), ensure_ascii=False, default=str)}
 
 
+def _conversation(record: dict, params: Params) -> tuple[list, str] | None:
+    """(turns, field names) where the question field holds a list of turns (TRL's prompt, export's
+    prompt_messages): they and the response (a list of turns, or one text) are one chat; else None."""
+    question = next((f for f in params.question_fields if record.get(f) is not None), None)
+    response = next((f for f in params.response_fields if record.get(f) is not None), None)
+    if question is None or response is None or not isinstance(record[question], list):
+        return None
+    answer = record[response]
+    turns = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+    return record[question] + turns, f"{question}+{response}"
+
+
 def _text_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
     if params.messages_field is not None and record.get(params.messages_field) is not None:
         prompt, question, response = _chat(record[params.messages_field], params.messages_field)
+    elif response is None and (conversation := _conversation(record, params)) is not None:
+        prompt, question, response = _chat(*conversation)
     else:
         question = _question(record, params)
         if response is None:
@@ -292,6 +315,11 @@ def _text_trace(record: dict, params: Params, response: str | None = None) -> di
         elif not response.strip():
             raise Rejected("empty_field", f"generation in {params.generations_field!r} is empty")
         prompt = [{"role": "user", "content": question}]
+        system = record.get(params.system_field) if params.system_field is not None else None
+        if system is not None and not isinstance(system, str):
+            raise Rejected("wrong_type", f"system field {params.system_field!r} is {type(system).__name__}")
+        if system and system.strip():
+            prompt.insert(0, {"role": "system", "content": system})
     given = record.get(params.answer_field) if params.answer_field is not None else None
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, (str, int, float)):

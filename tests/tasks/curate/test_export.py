@@ -9,6 +9,7 @@ import pytest
 
 from tasks.core.schema import EXPORT_SCHEMA
 from tasks.core.stage import ParamsError, params_from_dict
+from tasks.curate import ingest
 from tasks.curate.export import Params, export, to_alpaca
 from tests.tasks.outputs_tree import build_outputs
 
@@ -45,8 +46,9 @@ def test_every_format_round_trips_to_the_source_rows(outputs):
         for record, id_ in zip(alpaca, ids):
             prompt = json.loads(traces[id_]["prompt_messages"])
             system = {"system": prompt[0]["content"]} if prompt[0]["role"] == "system" else {}
-            assert record == {"instruction": traces[id_]["question"], "input": "", "output": traces[id_]["response"],
-                              **system}
+            assert record == {"id": id_, "instruction": traces[id_]["question"], "input": "",
+                              "output": traces[id_]["response"], **system, "score": ranking[id_]["score"],
+                              "rank": ranking[id_]["rank"]}
         table = pq.read_table(folder / "data.parquet")
         assert table.schema.equals(EXPORT_SCHEMA)
         for row, id_ in zip(table.to_pylist(), ids):
@@ -56,6 +58,22 @@ def test_every_format_round_trips_to_the_source_rows(outputs):
     n_rows = sum(len(ids) for ids in built["subsets"].values()) * 4
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (n_rows, n_rows, 0)
     assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in built["subsets"]["top20pct"])
+
+
+@pytest.mark.parametrize("file_name, preset", [("messages.jsonl", "messages"),
+                                               ("prompt_completion.jsonl", "prompt_completion"),
+                                               ("alpaca.json", "alpaca"), ("data.parquet", "grace_parquet")])
+def test_every_export_reads_back_through_ingest_to_the_same_ids_and_content_hashes(outputs, file_name, preset):
+    """A subset exported, then ingested with its preset, is the same traces (system prompts included)."""
+    root, built, traces, _ = outputs
+    run(root)
+    ids = built["subsets"]["top20pct"]
+    assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in ids)
+    stats = ingest.ingest(root / "export/subsets/top20pct" / file_name, root / "back", ingest.Params(preset=preset))
+    assert (stats["kept"], stats["quarantined"]) == (len(ids), 0)
+    back = pq.read_table(root / "back/traces.parquet").to_pylist()
+    assert [(r["id"], r["content_hash"]) for r in back] == [(i, traces[i]["content_hash"]) for i in ids]
+    assert [r["final_answer"] for r in back] == [traces[i]["final_answer"] for i in ids]
 
 
 def test_multi_turn_prompt_leaves_alpaca_only_and_is_quarantined(outputs):
