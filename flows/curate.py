@@ -95,7 +95,7 @@ STAGE_PATHS: dict[str, dict[str, str]] = {
                "out_dir": "{outputs}/select"},
     "validate": {"outputs": "{outputs}", "out_dir": "{outputs}/validate"},
     "export": {"subsets": "{outputs}/select/subsets", "segments": "{outputs}/segment/segments.parquet",
-               "out_dir": "{outputs}/export"},
+               "out_dir": "{outputs}/export", "outputs": "{outputs}"},
     "report": {"outputs": "{outputs}", "out_dir": "{outputs}/report"},
 }
 
@@ -217,9 +217,10 @@ def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
 
 
 @task(name="export", **STAGE_TASK)
-def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
-    """Write every subset in the post-training formats."""
-    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir)
+def export_task(subsets: Path, segments: Path, out_dir: Path, outputs: Path, params_path: Path) -> dict:
+    """Write every subset in the post-training formats, each with its dataset card."""
+    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir,
+                                         outputs=outputs)
 
 
 @task(name="report", **STAGE_TASK)

@@ -18,6 +18,7 @@ turns hold image parts with the sha256 of each image's bytes (tasks/curate/image
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -405,7 +406,9 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
     seen: dict[str, str] = {}  # "id:<id>" and "hash:<content hash>" of kept traces -> the id kept first
     sources: Counter[str] = Counter()
-    ledger.extra.update(preset=params.preset, generations_expanded=0)
+    # the pool as the dataset cards cite it: the path as given, and the sha256 of its bytes (None for a hub id)
+    ledger.extra.update(preset=params.preset, generations_expanded=0, input=Path(input).as_posix(),
+                        input_sha256=source_sha256(Path(input)))
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
     store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images")
     for row, source_record in read_records(Path(input), params.format, ledger, params.split):
@@ -435,6 +438,21 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     if store.digests or store.written:  # multimodal input only: a text run's stats stay as they were
         ledger.extra.update(images_read=len(store.digests), images_embedded=store.written)
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+def source_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or of a directory's files (relative path and bytes, in path order)."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _keep(trace: dict, row: int, columns: dict[str, list], seen: dict[str, str], sources: Counter,

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tasks.core.stage import (ParamsError, Stage, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
                               params_section)
 from tasks.curate import images, svgplot
+from tasks.curate.runinfo import read_json, run_settings
 from tasks.curate.select import per_question_text
 
 STAGE_ORDER = ("ingest", "segment", "model", "extract", "unconditional", "score", "aggregate", "select", "validate",
@@ -45,11 +46,6 @@ class Params:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's content; {} when the file is absent (an outputs tree from before the file existed)."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, Any]]:
     """Every outputs/<stage>/stats.json but skip's (by name: a stage writes into a staging copy), and a row
     for model, select and validate (which write other files), in DAG order (unknown stages last, by name)."""
@@ -80,29 +76,6 @@ def write_csv(path: Path, columns: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     pacsv.write_csv(pa.table(columns), buffer)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def run_settings(outputs: Path) -> list[tuple[str, str]]:
-    """(setting, value) rows: what shaped this selection, as the stages recorded it in their outputs
-    (not params.yaml, which may have changed since the run)."""
-    score, aggregate = read_json(outputs / "score/stats.json"), read_json(outputs / "aggregate/stats.json")
-    manifest = read_json(outputs / "select/manifest.json")
-    rules = []
-    for name, entry in manifest.get("subsets", {}).items():
-        if isinstance(entry, dict):
-            rules.append(f"{name}: " + (f"top {entry['fraction']:g}" if "fraction" in entry
-                                        else f"token budget {entry.get('token_budget')}"))
-    how = aggregate.get("how")
-    if how == "softmin":
-        how = f"softmin (tau {aggregate.get('softmin_tau')})"
-    trajectory = score.get("trajectory")
-    if trajectory == "ema":
-        trajectory = f"ema (beta {score.get('ema_beta')})"
-    rows = [("score.method", aggregate.get("method", manifest.get("method"))), ("score.gradient", score.get("gradient")),
-            ("score.lambda_", score.get("lambda_")), ("score.trajectory", trajectory),
-            ("score.first_step", score.get("first_step")), ("aggregate.how", how),
-            ("select (fractions, budgets)", ", ".join(rules) or None), ("select.stratify_by", manifest.get("stratify_by"))]
-    return [(name, "not recorded" if value is None else str(value)) for name, value in rows]
 
 
 # ---- traces with coloured steps ----------------------------------------------------------------
