@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def test_gsm_rows_become_canonical_traces(tmp_path, gsm_rows):
         assert row["content_hash"] == content_hash(row["prompt_messages"], row["response"])
         assert json.loads(row["raw"]) == original
     assert "€2.50" in rows[2]["raw"]  # ensure_ascii=False: the record can be written back as it came
+    # the pool as the dataset cards cite it
+    assert (stats["input"], stats["input_sha256"]) == ((tmp_path / "in.jsonl").as_posix(),
+                                                       hashlib.sha256((tmp_path / "in.jsonl").read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize("rows", [pytest.param([dict(r) for r in CHAT_ROWS], id="chat"), pytest.param(None, id="gsm")])
