@@ -149,8 +149,9 @@ def _hf_batches(path: Path, split: str | None, hub: bool = False) -> Iterator[pa
     try:
         dataset = datasets.load_dataset(str(path)) if hub else datasets.load_from_disk(str(path))
     except FileNotFoundError as err:  # datasets' own word for a directory or id it does not recognise
-        what = "a dataset datasets.load_dataset can read" if hub else "a dataset saved by datasets' save_to_disk"
-        raise StageInputError(f"{path}: not {what} ({err})") from None
+        what = ("not a dataset id or directory datasets.load_dataset can read" if hub else
+                "a directory, but not a dataset saved by datasets' save_to_disk")
+        raise StageInputError(f"{path}: {what} ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split is None and len(dataset) == 1:
             split = next(iter(dataset))
