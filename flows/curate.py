@@ -95,7 +95,7 @@ STAGE_PATHS: dict[str, dict[str, str]] = {
                "out_dir": "{outputs}/select"},
     "validate": {"outputs": "{outputs}", "out_dir": "{outputs}/validate"},
     "export": {"subsets": "{outputs}/select/subsets", "segments": "{outputs}/segment/segments.parquet",
-               "out_dir": "{outputs}/export"},
+               "out_dir": "{outputs}/export", "outputs": "{outputs}"},
     "report": {"outputs": "{outputs}", "out_dir": "{outputs}/report"},
 }
 
@@ -217,9 +217,10 @@ def validate_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
 
 
 @task(name="export", **STAGE_TASK)
-def export_task(subsets: Path, segments: Path, out_dir: Path, params_path: Path) -> dict:
-    """Write every subset in the post-training formats."""
-    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir)
+def export_task(subsets: Path, segments: Path, out_dir: Path, outputs: Path, params_path: Path) -> dict:
+    """Write every subset in the post-training formats, each with its dataset card."""
+    return tasks.curate.export.STAGE.run(params_path, subsets=subsets, segments=segments, out_dir=out_dir,
+                                         outputs=outputs)
 
 
 @task(name="report", **STAGE_TASK)
@@ -289,6 +290,16 @@ def dask_task_runner(params: tasks.curate.extract.Params, gpus: list[str] | None
     return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, **LOOPBACK})
 
 
+def ignore_outputs(outputs_dir: Path) -> None:
+    """Make the outputs directory ignore itself in git (a `.gitignore` of `*`, as virtualenv does): any
+    --outputs, not only the repository's ignored outputs/, so `dvc exp run`/`apply` never commit it."""
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    marker = outputs_dir / ".gitignore"
+    if not marker.exists() and not (outputs_dir / ".git").exists():  # never over a checkout's own file
+        marker.write_text("# written by python -m flows.curate: artifacts are DVC's or the flow's, not git's\n*\n",
+                          encoding="utf-8")
+
+
 def _cell(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -298,8 +309,12 @@ def _seconds(value: float | None) -> str:
 
 
 def summary_markdown(summary: dict) -> str:
-    """The run summary as Markdown: per-stage counts and wall time, subsets with thresholds, validation status."""
-    lines = ["# GRACE curation run", ""]
+    """The run summary as Markdown: per-stage counts and wall time, subsets with thresholds, validation status;
+    for a run that stopped, the stage and error first and the stages that finished."""
+    failed = summary.get("failed")
+    lines = ["# GRACE curation run" + (f": FAILED at {failed['stage']}" if failed else ""), ""]
+    if failed:
+        lines += [f"`{failed['error']}`", ""]
     model = summary["stages"].get("model")
     if model:
         lines += [f"Scoring model: {model.get('source')} (identity {str(model.get('identity'))[:12]})", ""]
@@ -312,6 +327,8 @@ def summary_markdown(summary: dict) -> str:
                             if key.startswith("quarantined_")) or "-"
         lines.append(f"| {stage} | {_cell(stats.get('read'))} | {_cell(stats.get('kept'))} | "
                      f"{_cell(stats.get('quarantined'))} | {reasons} | {_seconds(seconds.get(stage))} |")
+    if failed and "select" not in summary["stages"]:
+        return "\n".join(lines) + "\n"
     manifest = summary["stages"].get("select", {})
     lines += ["", f"## Subsets (score method: {manifest.get('method', '-')}, "
                   f"{_cell(manifest.get('n_scored'))} scored traces)", "",
@@ -333,6 +350,8 @@ def summary_markdown(summary: dict) -> str:
         reasons = {key.removeprefix("quarantined_"): n for key, n in exported.items() if key.startswith("quarantined_")}
         if reasons:
             lines.append("Left out of a format: " + ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())))
+    if failed and "validate" not in summary["stages"]:
+        return "\n".join(lines) + "\n"
     results = summary["stages"].get("validate", {})
     lines += ["", f"## Validation: {'passed' if results.get('success') else 'FAILED'}", ""]
     if "error" in results:  # validate crashed before it could judge the outputs
@@ -363,17 +382,39 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
     Markdown summary with each stage's counts and time; return it as a dict."""
     forward_stage_logs()
     params_file = Path(params_path)
+    ignore_outputs(Path(outputs_dir))
     paths = stage_paths(input_path, outputs_dir)
     stages: dict[str, dict] = {}
     seconds: dict[str, float] = {}  # wall time per stage, for the summary
+    started_stages: list[str] = []
 
     def timed(stage: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        started_stages.append(stage)
         started = time.perf_counter()
         try:
             return call(**kwargs)
         finally:
             seconds[stage] = round(time.perf_counter() - started, 1)
 
+    try:
+        validation = run_stages(paths, params_file, stages, timed)
+    except Exception as error:
+        # Published under the same key, so `prefect artifact inspect` never shows an earlier run's "passed".
+        stage = started_stages[-1] if started_stages else "the flow"
+        failed = {"stage": stage, "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"}
+        create_markdown_artifact(summary_markdown({"stages": stages, "seconds": seconds, "failed": failed}),
+                                 key=SUMMARY_ARTIFACT_KEY, description=f"GRACE curation: FAILED at {stage}")
+        raise
+    summary = {"stages": stages, "subsets": stages["select"]["n_selected"], "seconds": seconds}
+    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
+                             description="GRACE curation: counts per stage, subsets, validation")
+    validation.result()  # re-raises a failed validation
+    return summary
+
+
+def run_stages(paths: dict[str, dict[str, Path]], params_file: Path, stages: dict[str, dict],
+               timed: Callable[..., Any]) -> State:
+    """Every stage in dvc.yaml's order, each result into `stages`; returns validate's final state."""
     stages["ingest"] = timed("ingest", ingest_task, **paths["ingest"], params_path=params_file)
     stages["segment"] = timed("segment", segment_task, **paths["segment"], params_path=params_file)
     stages["model"] = timed("model", model_task, **paths["model"], params_path=params_file)
@@ -400,11 +441,7 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
     if validation.is_completed():
         stages["export"] = timed("export", export_task, **paths["export"], params_path=params_file)
         stages["report"] = timed("report", report_task, **paths["report"], params_path=params_file)
-    summary = {"stages": stages, "subsets": stages["select"]["n_selected"], "seconds": seconds}
-    create_markdown_artifact(summary_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
-                             description="GRACE curation: counts per stage, subsets, validation")
-    validation.result()  # re-raises a failed validation
-    return summary
+    return validation
 
 
 def main(argv: list[str] | None = None) -> dict:

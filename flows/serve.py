@@ -10,6 +10,8 @@ parameters every run gets. `flow.serve` needs no work pool and no worker: this p
 the deployment with the Prefect API that PREFECT_API_URL names (a local `prefect server start`, a
 self-hosted server or Prefect Cloud), then polls it and runs each scheduled or manually triggered
 run in a subprocess on this machine. Ctrl-C stops serving and pauses the schedule until it serves again.
+With no PREFECT_API_URL it refuses to start: Prefect's temporary API lives only as long as this process
+and fires no schedule.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Mapping
 
 from prefect.client.schemas.schedules import is_valid_timezone
 from prefect.schedules import Cron, Schedule
+from prefect.settings import PREFECT_API_URL
 
 from flows.curate import curate, prefect_settings
 
@@ -91,8 +94,15 @@ def spec_from_args(argv: list[str] | None = None, environ: Mapping[str, str] = o
     return spec
 
 
+NO_API = ("python -m flows.serve: error: PREFECT_API_URL is not set, and a schedule fires only on a running "
+          "Prefect API: start one with `prefect server start` and `prefect config set "
+          "PREFECT_API_URL=http://127.0.0.1:4200/api` (or `prefect cloud login`), then serve again")
+
+
 def main(argv: list[str] | None = None) -> None:
     spec = spec_from_args(argv)
+    if not PREFECT_API_URL.value():  # the environment or the active Prefect profile
+        raise SystemExit(NO_API)
     with prefect_settings():  # the temporary API's start limit, should serving need one
         curate.serve(
             name=spec.name,

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from configobj import ConfigObj
 
+from tests.params_yaml import committed_document
 from tests.tasks.outputs_tree import OUTPUT_DIRS, dvc, git, init_pipeline_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_fresh_clone_with_never_run_pipelines_pulls_and_is_up_to_date(tmp_path):
     # One out per stage directory, as the real dvc.yaml has: `outputs` whole would overlap their outs.
     pipeline["stages"]["curate"]["outs"] = [f"outputs/{name}" for name in OUTPUT_DIRS]
     (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))  # the optional pipelines read it
+    params = committed_document()  # the optional pipelines read it
     params["score"] |= {"lambda_": 0.5}
     params["select"] |= {"fractions": [0.1, 0.2]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))

@@ -58,4 +58,5 @@ def test_every_layout_runs_through_dvc_exp_run(tmp_path, tiny_model_dir, environ
         assert json.loads((outputs / "validate/results.json").read_text())["success"], name
         for subset in (outputs / "export/subsets").iterdir():
             assert {p.name for p in subset.iterdir()} == {"messages.jsonl", "prompt_completion.jsonl", "alpaca.json",
-                                                          "data.parquet"}, (name, subset.name)
+                                                          "data.parquet", "README.md", "dataset_info.json"}, \
+                (name, subset.name)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tasks.curate.score import Params as ScoreParams
+from tests.params_yaml import committed_document, committed_text, defaults_are_the_section
 
 REPO = Path(__file__).resolve().parents[1]
 CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("data", "labels"), ("ingest", "preset"), ("ingest", "image_root"),
@@ -15,8 +20,7 @@ CHANGED = {("data", "pool"), ("data", "images"), ("data", "test"), ("data", "lab
 def differing_keys(name: str) -> tuple[dict, set[tuple[str, str]]]:
     """A params file beside params.yaml: its content and the (section, key) pairs whose values differ; the two
     files must hold the same sections and keys."""
-    base = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    other = yaml.safe_load((REPO / name).read_text(encoding="utf-8"))
+    base, other = committed_document(), committed_document(name)
     assert base.keys() == other.keys()
     differing = set()
     for section, values in base.items():
@@ -49,3 +53,39 @@ def test_the_testbed_params_file_differs_from_params_yaml_only_in_its_keys():
     finetune = testbed["finetune_eval"]
     assert finetune["lora_layers"] is None and finetune["steps"] >= 1 and finetune["accuracy_problems"] is None
     assert finetune["calibration"] and finetune["repeats"] == 3 and len(finetune["random_seeds"]) == 3
+
+
+# ---- the tests read the committed params files, so they pass after `dvc exp run -S` -------------------
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    """A checkout whose HEAD holds the repository's params.yaml, as a fresh clone does."""
+    root = tmp_path / "clone"
+    root.mkdir()
+    (root / "params.yaml").write_text(committed_text(), encoding="utf-8")
+    git(root, "init", "-q")
+    git(root, "add", "params.yaml")
+    git(root, "commit", "-qm", "params")
+    return root
+
+
+def test_a_users_experiment_leaves_the_defaults_check_passing(clone, tmp_path):
+    document = yaml.safe_load((clone / "params.yaml").read_text(encoding="utf-8"))
+    document["score"]["lambda_"] = 0.8  # what `dvc exp run -S score.lambda_=0.8` writes into the workspace
+    (clone / "params.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    assert committed_document(root=clone)["score"]["lambda_"] == ScoreParams().lambda_
+    assert defaults_are_the_section(ScoreParams, "score", tmp_path / "a", root=clone)
+
+
+def test_a_committed_drift_still_fails_the_defaults_check(clone, tmp_path):
+    document = yaml.safe_load((clone / "params.yaml").read_text(encoding="utf-8"))
+    document["score"]["lambda_"] = ScoreParams().lambda_ + 0.25
+    (clone / "params.yaml").write_text(yaml.safe_dump(document), encoding="utf-8")
+    git(clone, "commit", "-qam", "drift")  # CI's fresh clone of a drifted commit: working file = committed file
+    assert not defaults_are_the_section(ScoreParams, "score", tmp_path / "a", root=clone)
+    (clone / ".git").rename(clone / "git")  # no checkout (a source archive): the file itself is compared
+    assert not defaults_are_the_section(ScoreParams, "score", tmp_path / "b", root=clone)

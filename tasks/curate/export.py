@@ -10,10 +10,17 @@ Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
                   (TRL's conversational prompt-completion format: SFTTrainer then puts the loss on the
                   completion only, which messages.jsonl cannot give under a chat template with no
                   generation markers, SmolLM2's among them)
-  alpaca.json     [{"instruction": question, "input": "", "output": response, "system": system turn}, ...]
-                  ("system" only where the prompt has one: LLaMA-Factory's alpaca `system` column; the
-                  question already holds an ingested Alpaca input, so "input" stays empty)
+  alpaca.json     [{"id", "instruction": question, "input": "", "output": response, "system": system turn,
+                  "score", "rank"}, ...] ("system" only where the prompt has one: LLaMA-Factory's alpaca
+                  `system` column; the question already holds an ingested Alpaca input, so "input" stays empty)
   data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
+Each file reads back through ingest with its preset (messages, prompt_completion, alpaca, grace_parquet)
+to the same ids and content hashes. Beside the files each subset gets
+  README.md           a dataset card: YAML front matter (Hugging Face `configs`, one per file; under `grace`
+                      the source file and its sha256, the scoring model's identity, the subset's rule,
+                      threshold and counts, the settings that shaped the score) and a short description
+  dataset_info.json   LLaMA-Factory's dataset registry for the folder (`--dataset_dir` it)
+citing what the stages recorded under --outputs (optional: "not recorded" without it).
 Multimodal traces (ingest.image_root, tasks/curate/images.py) keep their image files: messages.jsonl and
 prompt_completion.jsonl get {"type": "image"} parts in the turns and the files in "images" (TRL,
 LLaMA-Factory), alpaca.json "<image>" placeholders in the instruction and "images", data.parquet an
@@ -39,10 +46,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
 from tasks.core.schema import EXPORT_SCHEMA
 from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, params_section, write_parquet
 from tasks.curate import images
+from tasks.curate.runinfo import read_json, run_settings
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
@@ -71,6 +80,11 @@ def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
         return None
     record = {"instruction": question, "input": "", "output": response}
     return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
+
+
+def alpaca_row(id_: str, record: dict, ranked: dict) -> dict:
+    """An Alpaca record with the id (ingest's id_field reads it back) and the trace's score and rank."""
+    return {"id": id_, **record, "score": ranked["score"], "rank": ranked["rank"]}
 
 
 def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, dict], formats: tuple[str, ...],
@@ -107,7 +121,7 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
             elif fmt == "alpaca":
                 question = flat[-1]["content"] if image_files else trace["question"]
                 record = to_alpaca(flat, question, trace["response"])
-                record = record if record is None else record | extra
+                record = record if record is None else alpaca_row(id_, record, ranked) | extra
                 if record is None:
                     roles = [m["role"] for m in prompt]
                     ledger.reject("alpaca_multi_turn", f"subset {subset}: prompt roles {roles} have no Alpaca form",
@@ -133,8 +147,61 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
     return files
 
 
+# LLaMA-Factory reads OpenAI-style turns as its sharegpt formatting with these tags
+LLAMA_FACTORY_CHAT_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"}
+
+
+def dataset_info(subset: str, formats: tuple[str, ...], multimodal: bool) -> dict:
+    """LLaMA-Factory's dataset_info.json for a subset folder: its chat and Alpaca files, images where there are.
+    A multimodal messages.jsonl holds content parts, which LLaMA-Factory does not read: only alpaca.json then."""
+    info = {}
+    if "messages" in formats and not multimodal:
+        info[f"{subset}_messages"] = {"file_name": FILE_NAMES["messages"], "formatting": "sharegpt",
+                                      "columns": {"messages": "messages"}, "tags": LLAMA_FACTORY_CHAT_TAGS}
+    if "alpaca" in formats:
+        columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
+        info[f"{subset}_alpaca"] = {"file_name": FILE_NAMES["alpaca"], "formatting": "alpaca",
+                                    "columns": columns | ({"images": "images"} if multimodal else {})}
+    return info
+
+
+def dataset_card(subset: str, rows: dict[str, int], outputs: Path | None) -> str:
+    """README.md of a subset: Hugging Face card metadata, then where the traces came from and how they were chosen."""
+    recorded = (lambda rel: read_json(outputs / rel)) if outputs is not None else (lambda rel: {})
+    source, model, manifest = recorded("ingest/stats.json"), recorded("model/model_info.json"), \
+        recorded("select/manifest.json")
+    entry = manifest.get("subsets", {}).get(subset, {})
+    rule = (f"the top {entry['fraction'] * 100:g}% of traces" if "fraction" in entry else
+            f"a budget of {entry['token_budget']} response tokens" if "token_budget" in entry else "not recorded")
+    files = [FILE_NAMES[fmt] for fmt in rows]
+    where = f"`{source['input']}`" if source.get("input") else "an unrecorded source"
+    grace = {
+        "source": {"file": source.get("input"), "sha256": source.get("input_sha256"), "preset": source.get("preset"),
+                   "read": source.get("read"), "kept": source.get("kept"), "quarantined": source.get("quarantined")},
+        "model": {"source": model.get("source"), "identity": model.get("identity")},
+        "selection": {"rule": rule, "method": manifest.get("method"), "n_scored": manifest.get("n_scored"),
+                      "n_selected": entry.get("n_selected"), "n_tokens": entry.get("n_tokens"),
+                      "score_threshold": entry.get("score_threshold")},
+        "settings": dict(run_settings(outputs)) if outputs is not None else {},
+        "rows": dict(rows),
+    }
+    front = {"pretty_name": f"GRACE-curate subset {subset}",
+             "configs": [{"config_name": fmt, "data_files": FILE_NAMES[fmt]} | ({"default": True} if i == 0 else {})
+                         for i, fmt in enumerate(rows)],
+             "grace": grace}
+    n = entry.get("n_selected", max(rows.values(), default=0))
+    body = (f"# GRACE-curate subset {subset}\n\n{n} reasoning traces from {where}, {rule} of the "
+            f"{manifest.get('n_scored', '?')} scored (score method {manifest.get('method', '?')}, scoring model "
+            f"`{model.get('source')}`), best first. Files: {', '.join(f'`{name}`' for name in files)}; "
+            "`dataset_info.json` registers them for LLaMA-Factory.\n\n"
+            "The score says how well each step's gradient agrees with the final answer's and with the steps before "
+            "it; it does not check that a step or the answer is correct.\n")
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
 @atomic_outputs
-def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict:
+def export(subsets: Path, segments: Path, out_dir: Path, params: Params, outputs: Path | None = None) -> dict:
     """Write every subset of select's output in the configured post-training formats."""
     names = sorted(p.parent.name for p in subsets.glob("*/ids.txt"))
     if not names:
@@ -160,6 +227,12 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params) -> dict
                 write_parquet(path, content)
             else:
                 path.write_bytes(content)
+        folder = staging / name
+        folder.mkdir(parents=True, exist_ok=True)
+        card = dataset_card(name, ledger.extra["rows"][name], Path(outputs) if outputs is not None else None)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        info = dataset_info(name, formats, multimodal)
+        (folder / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir / "subsets", ignore_errors=True)
     staging.rename(out_dir / "subsets")
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
@@ -169,6 +242,9 @@ STAGE = Stage(export, Params, paths=[
     ("subsets", "select's subsets/ directory (ids.txt + ranking.parquet)"),
     ("segments", "segments.parquet (prompt_messages, response)"),
     ("out_dir", "where subsets/<name>/ files go"),
+], optional_paths=[
+    ("outputs", "the outputs/ tree whose ingest/stats.json, model/model_info.json, select/manifest.json and "
+                "score and aggregate stats.json the dataset cards cite"),
 ])
 
 

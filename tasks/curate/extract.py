@@ -505,7 +505,9 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
         padding_waste=round(1 - real / padded, 4) if padded else None,
         tokens_per_s=round(real / seconds, 1) if real and seconds else None, model_seconds=round(seconds, 3),
         prepare_seconds=round(prepare_seconds, 3))
-    ledger.metrics.update({name: ledger.extra[name] for name in ("loss_tokens", "model_seconds", "tokens_per_s")})
+    # Timings (model_seconds, tokens_per_s) stay in stats.json: in metrics.json every cross-machine
+    # `dvc metrics diff` / `dvc exp show` would show them changed.
+    ledger.metrics.update(loss_tokens=ledger.extra["loss_tokens"])
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 

@@ -18,6 +18,7 @@ turns hold image parts with the sha256 of each image's bytes (tasks/curate/image
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -34,7 +35,7 @@ from tasks.curate.readers import read_records
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk")
+FORMATS = ("auto", "jsonl", "json", "parquet", "hf_disk", "hub")
 # A preset fills in the keys of the section left at their defaults (a key set by hand wins), so each
 # layout is one documented field mapping. README "Your own data" has one command per preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,15 +43,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "messages": {"messages_field": "messages"},
     # ShareGPT / LLaVA: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}.
     "sharegpt": {"messages_field": "conversations"},
-    # Alpaca: {"instruction", "input", "output"}; a non-empty input is appended to the instruction.
-    "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",)},
+    # Alpaca: {"instruction", "input", "output", "system"?}; a non-empty input is appended to the instruction,
+    # a system prompt (LLaMA-Factory's `system` column, export's alpaca.json) is a system turn before it.
+    "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",),
+               "system_field": "system"},
+    # TRL's conversational prompt-completion (export's prompt_completion.jsonl): {"prompt": [turns],
+    # "completion": [{"role": "assistant", ...}]}; prompt turns and completion read as one chat.
+    "prompt_completion": {"question_fields": ("prompt",), "response_fields": ("completion",), "messages_field": None},
+    # export's data.parquet: {"id", "prompt_messages": [turns], "response", "score", "rank"}.
+    "grace_parquet": {"question_fields": ("prompt_messages",), "response_fields": ("response",),
+                      "messages_field": None},
     # MetaMathQA: {"query", "response" ending "The answer is: X", "type", "original_question"}.
     "metamath": {"question_fields": ("query",), "response_fields": ("response",), "answer_patterns": ("answer_is",)},
     # NuminaMath / OpenR1-Math: {"problem", "solution" with \boxed{}, "generations": [...], "uuid"};
     # each generation is its own trace (the solution only where there are none); their own
-    # `messages` copy of the solution is not read.
+    # `messages` copy of a generation is not read, but in the kept record it holds the selected one, and
+    # the per-generation lists hold only its entry.
     "numina": {"id_field": "uuid", "question_fields": ("problem",), "response_fields": ("solution",),
-               "generations_field": "generations", "messages_field": None, "answer_patterns": ("boxed", "answer_is")},
+               "generations_field": "generations", "messages_field": None, "answer_patterns": ("boxed", "answer_is"),
+               "generation_fields": ("messages", "correctness_math_verify", "correctness_llama",
+                                     "is_reasoning_complete", "finish_reasons")},
     # Multiple choice (AQuA-RAT style): {"question", "options": ["A) 21", ...] or {"A": ...}, "rationale",
     # "correct": "B"}; the options are appended to the question, the answer is a letter.
     "multiple_choice": {"question_fields": ("question",), "options_field": "options",
@@ -66,7 +78,8 @@ OPTION_LETTERS = "ABCDEFGHIJ"
 
 @params_section("ingest")
 class Params:
-    format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk
+    format: str = "auto"  # auto (by suffix; a directory = HF dataset on disk) | jsonl | parquet | hf_disk | hub
+    split: str | None = None  # the split of a DatasetDict (saved or hub) to read; null: its only split
     id_field: str | None = "id"  # null or missing: id = "h-" + 16 hex of the content hash
     question_fields: tuple[str, ...] = ("question", "prompt", "instruction", "problem")  # first present wins
     response_fields: tuple[str, ...] = ("answer", "response", "solution", "output", "completion")
@@ -75,7 +88,14 @@ class Params:
     answer_patterns: tuple[str, ...] = ("gsm8k", "answer_is", "boxed")  # tried in this order
     preset: str | None = None  # a named layout (PRESETS) filling the keys left at their defaults
     input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
+    system_field: str | None = None  # a system prompt field: a system turn before the question where non-empty
     generations_field: str | None = None  # a list of solutions per problem: one trace each
+    # fields that follow the generation in each trace's record (raw, the subsets' own format): a list as long
+    # as generations keeps only the selected entry; a chat list gets it as its last assistant turn
+    generation_fields: tuple[str, ...] = ()
+    # true: an exact repeat (same prompt turns and response) of a kept trace is quarantined (duplicate_response);
+    # false keeps repeats, e.g. when they are meant to weigh a rejection-sampled answer twice
+    drop_duplicate_responses: bool = True
     options_field: str | None = None  # multiple-choice options, appended to the question as "A) ..." lines
     # null: image fields are ignored (text-only, as before); a directory: records with images are read as
     # multimodal traces (tasks/curate/images.py), their image paths relative to it. The traces record each
@@ -157,8 +177,34 @@ def _first_text(record: dict, fields: tuple[str, ...], role: str) -> str:
     raise Rejected("missing_field", f"no {role} field; looked for {list(fields)}{_hint(record)}")
 
 
+def _response_text(record: dict, fields: tuple[str, ...]) -> str:
+    """The response: the one response field present, or of several the longest text. A {question, response,
+    answer} record's one-token `answer` is the final answer, not the reasoning to score."""
+    texts = [f for f in fields if isinstance(record.get(f), str) and record[f].strip()]
+    if len(texts) > 1:
+        return record[max(texts, key=lambda f: len(record[f].strip()))]  # the first of equally long ones
+    return _first_text(record, fields, "response")
+
+
+def _content_text(content: Any, field: str, index: int) -> Any:
+    """OpenAI content parts [{"type": "text", "text": ...}, ...] as one text (parts joined by a line break);
+    any other value is returned as it is for _turn to judge."""
+    if not (isinstance(content, list) and content and all(isinstance(part, dict) for part in content)):
+        return content
+    other = sorted({str(part.get("type")) for part in content if part.get("type") != "text"})
+    if other:
+        raise Rejected("wrong_type", f"{field}[{index}] content holds parts of type {other}; only text parts are "
+                                     "read as text (set ingest.image_root for image parts)")
+    if not all(isinstance(part.get("text"), str) for part in content):
+        raise Rejected("wrong_type", f"{field}[{index}] content holds a text part without a string `text`")
+    return "\n".join(part["text"] for part in content)
+
+
 def _turn(message: Any, field: str, index: int) -> dict:
-    """One chat turn as {role, content}, from OpenAI {role, content} or ShareGPT {from, value}."""
+    """One chat turn as {role, content}, from OpenAI {role, content} (a string or text parts) or ShareGPT
+    {from, value}."""
+    if isinstance(message, dict) and isinstance(message.get("role"), str):
+        message = {**message, "content": _content_text(message.get("content"), field, index)}
     if isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str):
         return {"role": message["role"], "content": message["content"]}
     if isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str):
@@ -258,16 +304,35 @@ def _multimodal_trace(record: dict, params: Params, response: str | None, store:
             "raw": json.dumps(images.raw_record(record), ensure_ascii=False, default=str)}
 
 
+def _conversation(record: dict, params: Params) -> tuple[list, str] | None:
+    """(turns, field names) where the question field holds a list of turns (TRL's prompt, export's
+    prompt_messages): they and the response (a list of turns, or one text) are one chat; else None."""
+    question = next((f for f in params.question_fields if record.get(f) is not None), None)
+    response = next((f for f in params.response_fields if record.get(f) is not None), None)
+    if question is None or response is None or not isinstance(record[question], list):
+        return None
+    answer = record[response]
+    turns = answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+    return record[question] + turns, f"{question}+{response}"
+
+
 def _text_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
     if params.messages_field is not None and record.get(params.messages_field) is not None:
         prompt, question, response = _chat(record[params.messages_field], params.messages_field)
+    elif response is None and (conversation := _conversation(record, params)) is not None:
+        prompt, question, response = _chat(*conversation)
     else:
         question = _question(record, params)
         if response is None:
-            response = _first_text(record, params.response_fields, "response")
+            response = _response_text(record, params.response_fields)
         elif not response.strip():
             raise Rejected("empty_field", f"generation in {params.generations_field!r} is empty")
         prompt = [{"role": "user", "content": question}]
+        system = record.get(params.system_field) if params.system_field is not None else None
+        if system is not None and not isinstance(system, str):
+            raise Rejected("wrong_type", f"system field {params.system_field!r} is {type(system).__name__}")
+        if system and system.strip():
+            prompt.insert(0, {"role": "system", "content": system})
     given = record.get(params.answer_field) if params.answer_field is not None else None
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, (str, int, float)):
@@ -322,8 +387,24 @@ def _candidates(record: dict, params: Params) -> list[tuple[dict, str | None, st
         raise Rejected("empty_field", f"generations field {params.generations_field!r} is an empty list")
     base = _record_id(record, params) or "h-" + content_hash(json.dumps(_question(record, params)), "")[:16]
     # raw: the record with only this solution, so a subset written in the input's format holds one each
-    return [({**record, params.generations_field: [text]}, text, f"{base}-{index}")
+    return [(_one_generation(record, params, index, text), text, f"{base}-{index}")
             for index, text in enumerate(generations)]
+
+
+def _one_generation(record: dict, params: Params, index: int, text: Any) -> dict:
+    """The record as if it held generation `index` only: generations_field and every generation_fields
+    entry follow it (a per-generation list keeps its entry, a chat copy gets it as the last assistant turn)."""
+    one = {**record, params.generations_field: [text]}
+    n = len(record[params.generations_field])
+    for field in params.generation_fields:
+        value = record.get(field)
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            last = max((i for i, m in enumerate(value) if m["role"] == "assistant"), default=len(value))
+            one[field] = [*value[:last], {**(value[last] if last < len(value) else {"role": "assistant"}),
+                                          "content": text}, *value[last + 1:]]
+        elif isinstance(value, list) and len(value) == n:
+            one[field] = [value[index]]
+    return one
 
 
 def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
@@ -341,13 +422,15 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     params, out_dir = params.resolved(), Path(out_dir)
     ledger = StageLedger("ingest")
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
-    seen_ids: set[str] = set()
+    seen: dict[str, str] = {}  # "id:<id>" and "hash:<content hash>" of kept traces -> the id kept first
     sources: Counter[str] = Counter()
-    ledger.extra.update(preset=params.preset, generations_expanded=0)
+    # the pool as the dataset cards cite it: the path as given, and the sha256 of its bytes (None for a hub id)
+    ledger.extra.update(preset=params.preset, generations_expanded=0, input=Path(input).as_posix(),
+                        input_sha256=source_sha256(Path(input)))
     fields_seen: set[str] = set()  # named when nothing is kept: a wrong field mapping shows at once
     store = images.ImageStore(Path(params.image_root or "."), out_dir / "images", published_dir(out_dir) / "images",
                               max_pixels=params.max_image_pixels)
-    for row, source_record in read_records(Path(input), params.format, ledger):
+    for row, source_record in read_records(Path(input), params.format, ledger, params.split):
         fields_seen.update(source_record)
         try:
             candidates = _candidates(source_record, params)
@@ -367,7 +450,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
                 continue
             if trace_id is not None:
                 trace["id"] = trace_id
-            _keep(trace, row, columns, seen_ids, sources, ledger, record, params)
+            _keep(trace, row, columns, seen, sources, ledger, record, params)
     ledger.require_kept(input, hint=_mapping_hint(params, fields_seen))
     write_parquet(out_dir / "traces.parquet", pa.table(columns, schema=TRACE_SCHEMA))
     ledger.extra["answer_source"] = dict(sorted(sources.items()))
@@ -376,13 +459,35 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
 
 
-def _keep(trace: dict, row: int, columns: dict[str, list], seen_ids: set[str], sources: Counter,
+def source_sha256(path: Path) -> str | None:
+    """sha256 of a file's bytes, or of a directory's files (relative path and bytes, in path order)."""
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file is not path:
+            digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _keep(trace: dict, row: int, columns: dict[str, list], seen: dict[str, str], sources: Counter,
           ledger: StageLedger, record: dict, params: Params) -> None:
-    if trace["id"] in seen_ids:
+    rejected = None
+    if "id:" + trace["id"] in seen:
         rejected = Rejected("duplicate_id", f"id {trace['id']!r} was already kept from an earlier record")
+    elif params.drop_duplicate_responses and "hash:" + trace["content_hash"] in seen:
+        first = seen["hash:" + trace["content_hash"]]
+        rejected = Rejected("duplicate_response", f"the same prompt and response as {first!r}, kept earlier "
+                                                  "(ingest.drop_duplicate_responses)")
+    if rejected is not None:
         _quarantine(ledger, rejected, row, record, params, trace_id=trace["id"])
         return
-    seen_ids.add(trace["id"])
+    seen["id:" + trace["id"]] = trace["id"]
+    seen.setdefault("hash:" + trace["content_hash"], trace["id"])
     sources[trace["answer_source"]] += 1
     columns["source_row"].append(row)
     for name, value in trace.items():

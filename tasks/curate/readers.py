@@ -9,8 +9,12 @@
   (not_object). A file that is not a JSON array is an error naming what it holds. With format auto
   a .json file is read as json when its first non-blank character is "[", else as JSON Lines (many
   hubs ship JSON Lines under .json).
-- parquet: row batches of a Parquet file; hf_disk: a `datasets.save_to_disk` directory (a
-  DatasetDict only with exactly one split). source_row = 0-based row index.
+- jsonl and json files may be gzip- or zstandard-compressed (`.jsonl.gz`, `.json.zst`; told by their
+  first bytes, whatever the name): gzip always, zstandard where the `zstandard` package is installed.
+- parquet: row batches of a Parquet file; hf_disk: a `datasets.save_to_disk` directory; hub: a dataset
+  id (or a local dataset directory or script) read by `datasets.load_dataset`, chosen by auto for a
+  path that does not exist and looks like `owner/name`. A DatasetDict (several splits) is read at
+  `ingest.split`; null reads the only split. source_row = 0-based row index.
 Only one batch of rows is ever decoded to Python objects at a time. An input that is missing, not
 Parquet, or a directory that is not a saved dataset is a StageInputError naming the path.
 """
@@ -18,10 +22,13 @@ Parquet, or a directory that is not a saved dataset is a StageInputError naming 
 from __future__ import annotations
 
 import codecs
+import gzip
+import io
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +37,33 @@ from tasks.core.stage import ParamsError, StageInputError, StageLedger
 
 BATCH_ROWS = 4096  # Parquet / Arrow rows decoded to Python at a time
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a line only holds a lone surrogate where this matches
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells a dataset
+
+
+def _open_bytes(path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed when it starts as gzip or zstandard does (any name)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic.startswith(GZIP_MAGIC):
+        return gzip.open(path, "rb")
+    if magic == ZSTD_MAGIC:
+        try:
+            import zstandard  # optional: not a dependency of the project
+        except ImportError:
+            raise StageInputError(f"{path}: zstandard-compressed, and the zstandard package is not installed: "
+                                  f"`pip install zstandard`, or decompress it (zstd -d)") from None
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader)  # lines: the stream reader itself has no readline
+    return open(path, "rb")
+
+
+def _inner_suffix(path: Path) -> str:
+    """.jsonl of data.jsonl and of data.jsonl.gz / data.jsonl.zst."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".zst", ".zstd"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def _unpaired_surrogate(text: str, record: dict) -> str | None:
@@ -46,7 +80,7 @@ def _unpaired_surrogate(text: str, record: dict) -> str | None:
 
 def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
     """(0-based line number, record); each line is decoded on its own so one bad line costs one record."""
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         for row, line in enumerate(handle):
             if row == 0:
                 line = line.removeprefix(codecs.BOM_UTF8)
@@ -78,8 +112,9 @@ def _jsonl_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]
 
 def _json_array_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
     try:
-        document = json.loads(path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+        with _open_bytes(path) as handle:
+            document = json.loads(handle.read().removeprefix(codecs.BOM_UTF8).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, EOFError, gzip.BadGzipFile) as err:
         raise ValueError(f"{path}: not a JSON document ({err}); for JSON Lines set ingest.format: jsonl") from err
     if not isinstance(document, list):
         held = f"an object with keys {sorted(document)[:10]}" if isinstance(document, dict) else type(document).__name__
@@ -94,7 +129,7 @@ def _json_array_records(path: Path, ledger: StageLedger) -> Iterator[tuple[int, 
 
 
 def _first_character(path: Path) -> bytes:
-    with open(path, "rb") as handle:
+    with _open_bytes(path) as handle:
         head = handle.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     return head[:1]
 
@@ -108,29 +143,38 @@ def _arrow_records(batches: Iterator[pa.RecordBatch | pa.Table], ledger: StageLe
             row += 1
 
 
-def _hf_batches(path: Path) -> Iterator[pa.Table]:
-    import datasets  # heavy import, only for this format
+def _hf_batches(path: Path, split: str | None, hub: bool = False) -> Iterator[pa.Table]:
+    import datasets  # heavy import, only for these formats
 
     try:
-        dataset = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:  # datasets' own word for a directory it does not recognise
-        raise StageInputError(f"{path}: a directory, but not a dataset saved by datasets' save_to_disk ({err})") \
-            from None
+        dataset = datasets.load_dataset(str(path)) if hub else datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:  # datasets' own word for a directory or id it does not recognise
+        what = ("not a dataset id or directory datasets.load_dataset can read" if hub else
+                "a directory, but not a dataset saved by datasets' save_to_disk")
+        raise StageInputError(f"{path}: {what} ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
-        if len(dataset) != 1:
-            raise ValueError(f"{path} holds splits {list(dataset)}; pass --input {path}/<split>")
-        dataset = next(iter(dataset.values()))
+        if split is None and len(dataset) == 1:
+            split = next(iter(dataset))
+        if split not in dataset:
+            given = "ingest.split is null" if split is None else f"it has no split {split!r}"
+            raise ParamsError(f"ingest.split: {path} holds splits {list(dataset)} and {given}; set ingest.split "
+                              "to one of them")
+        dataset = dataset[split]
+    elif split is not None:
+        raise ParamsError(f"ingest.split: {path} is one dataset without splits; set ingest.split: null")
     return dataset.with_format("arrow").iter(batch_size=BATCH_ROWS)
 
 
-def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[int, dict]]:
+def read_records(path: Path, fmt: str, ledger: StageLedger, split: str | None = None) -> Iterator[tuple[int, dict]]:
     """(source_row, record) for every JSON object of the input, in input order; see the module doc."""
     ledger.extra["blank_lines"] = 0  # only JSONL has any; the key is there for every format
+    if fmt == "hub" or (fmt == "auto" and not path.exists() and HUB_ID.fullmatch(path.as_posix())):
+        return _arrow_records(_hf_batches(path, split, hub=True), ledger)
     if not path.exists():
         raise StageInputError(f"ingest input {path} does not exist")
     if fmt == "auto":
         suffixes = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-        fmt = "hf_disk" if path.is_dir() else suffixes.get(path.suffix.lower(), "")
+        fmt = "hf_disk" if path.is_dir() else suffixes.get(_inner_suffix(path), "")
         if fmt == "json" and _first_character(path) != b"[":
             fmt = "jsonl"
         if not fmt:
@@ -145,4 +189,4 @@ def read_records(path: Path, fmt: str, ledger: StageLedger) -> Iterator[tuple[in
         except (pa.ArrowInvalid, IsADirectoryError) as err:
             raise StageInputError(f"{path}: not a Parquet file ({err})") from None
         return _arrow_records(file.iter_batches(batch_size=BATCH_ROWS), ledger)
-    return _arrow_records(_hf_batches(path), ledger)
+    return _arrow_records(_hf_batches(path, split), ledger)

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from tasks.core.stage import (ParamsError, Stage, StageLedger, atomic_outputs, atomic_write_bytes, atomic_write_text,
                               params_section)
 from tasks.curate import images, svgplot
+from tasks.curate.runinfo import read_json, run_settings
 from tasks.curate.select import per_question_text
 
 STAGE_ORDER = ("ingest", "segment", "model", "extract", "unconditional", "score", "aggregate", "select", "validate",
@@ -45,11 +46,6 @@ class Params:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file's content; {} when the file is absent (an outputs tree from before the file existed)."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def read_stage_stats(outputs: Path, skip: Path | None = None) -> list[dict[str, Any]]:
     """Every outputs/<stage>/stats.json but skip's (by name: a stage writes into a staging copy), and a row
     for model, select and validate (which write other files), in DAG order (unknown stages last, by name)."""
@@ -80,29 +76,6 @@ def write_csv(path: Path, columns: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     pacsv.write_csv(pa.table(columns), buffer)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def run_settings(outputs: Path) -> list[tuple[str, str]]:
-    """(setting, value) rows: what shaped this selection, as the stages recorded it in their outputs
-    (not params.yaml, which may have changed since the run)."""
-    score, aggregate = read_json(outputs / "score/stats.json"), read_json(outputs / "aggregate/stats.json")
-    manifest = read_json(outputs / "select/manifest.json")
-    rules = []
-    for name, entry in manifest.get("subsets", {}).items():
-        if isinstance(entry, dict):
-            rules.append(f"{name}: " + (f"top {entry['fraction']:g}" if "fraction" in entry
-                                        else f"token budget {entry.get('token_budget')}"))
-    how = aggregate.get("how")
-    if how == "softmin":
-        how = f"softmin (tau {aggregate.get('softmin_tau')})"
-    trajectory = score.get("trajectory")
-    if trajectory == "ema":
-        trajectory = f"ema (beta {score.get('ema_beta')})"
-    rows = [("score.method", aggregate.get("method", manifest.get("method"))), ("score.gradient", score.get("gradient")),
-            ("score.lambda_", score.get("lambda_")), ("score.trajectory", trajectory),
-            ("score.first_step", score.get("first_step")), ("aggregate.how", how),
-            ("select (fractions, budgets)", ", ".join(rules) or None), ("select.stratify_by", manifest.get("stratify_by"))]
-    return [(name, "not recorded" if value is None else str(value)) for name, value in rows]
 
 
 # ---- traces with coloured steps ----------------------------------------------------------------
@@ -251,7 +224,8 @@ td:first-child,th:first-child,td.text{text-align:left}.trace{border:1px solid #d
 .meta{font-size:12px;color:#555}.question{margin:.4em 0;font-style:italic}td.text{overflow-wrap:anywhere}
 pre{white-space:pre-wrap;font-size:13px;line-height:1.6}.answer{text-decoration:underline 2px;font-weight:bold}
 .n{font-size:10px;color:#555;vertical-align:super;margin:0 2px}.caption{font-size:13px;color:#444}
-.failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}"""
+.failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}
+.warning{border:2px solid #b2182b;padding:0 1em;margin:1em 0}"""
 
 
 def stage_rows(stats: list[dict[str, Any]]) -> str:
@@ -260,12 +234,18 @@ def stage_rows(stats: list[dict[str, Any]]) -> str:
         reasons = ", ".join(f"{k.removeprefix('quarantined_')}: {v}" for k, v in s.items()
                             if k.startswith("quarantined_"))
         other = "; ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in s.items()
-                          if k not in LEDGER_KEYS and not k.startswith("quarantined_"))
+                          if k not in LEDGER_KEYS and k != "warnings" and not k.startswith("quarantined_"))
         cells = [escape(s["stage"])] + [escape(str(s.get(k, "-"))) for k in LEDGER_KEYS[1:]]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) +
                     f'<td class="text">{escape(reasons) or "-"}</td><td class="text">{escape(other)}</td></tr>')
     return ("<table><tr><th>stage</th><th>read</th><th>kept</th><th>quarantined</th><th>by reason</th>"
             "<th>other</th></tr>" + "".join(rows) + "</table>")
+
+
+def warnings_html(stats: list[dict[str, Any]]) -> str:
+    """The stages' warnings (stats.json `warnings`), first on the page: what makes the scores mean less."""
+    items = "".join(f"<li>{escape(s['stage'])}: {escape(w)}</li>" for s in stats for w in s.get("warnings", []))
+    return f'<div class="warning"><h2>Warnings</h2><ul>{items}</ul></div>' if items else ""
 
 
 def header_html(header: dict[str, Any]) -> str:
@@ -311,7 +291,7 @@ def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds:
     return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>GRACE curation report</title>
 <style>{CSS}</style></head><body><h1>GRACE curation report</h1>
 <p>{n_scored} traces scored.</p>
-{header_html(header)}
+{warnings_html(stats)}{header_html(header)}
 <h2>Subsets</h2><table><tr><th>subset</th><th>size</th><th>lowest kept score</th>
 <th>responses per question (responses x questions)</th></tr>{subset_rows}</table>
 <h2>Per-stage counts</h2>{stage_rows(stats)}

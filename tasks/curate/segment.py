@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
 from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_outputs, params_section,
-                              write_parquet)
+                              stage_logger, write_parquet)
 from tasks.curate.answers import last_marker_start
 
 STRATEGIES = ("newline", "paragraph", "step_marker", "sentence")
@@ -269,7 +269,21 @@ def segment(traces: Path, out_dir: Path, params: Params) -> dict:
                         # Many one-step traces say the strategy does not fit the data (no markers, no blank lines).
                         single_step_traces=sum(n == 1 for n in columns["n_steps"]),
                         mean_steps=round(sum(columns["n_steps"]) / ledger.kept, 4) if ledger.kept else 0.0)
+    warning = one_step_warning(ledger.extra["single_step_traces"], ledger.kept, params.strategy)
+    if warning:  # in the log, and in stats.json where the report shows it above everything
+        ledger.extra["warnings"] = [warning]
+        stage_logger("segment").warning(warning)
     return ledger.write(out_dir / "stats.json", out_dir / "quarantine.jsonl")
+
+
+def one_step_warning(single: int, kept: int, strategy: str) -> str | None:
+    """Most traces in one step: their score is alpha alone (no step before the answer to be consistent with)."""
+    if not kept or 2 * single <= kept:
+        return None
+    advice = ("for prose with several sentences a line, set segment.strategy: sentence" if strategy != "sentence"
+              else "the responses have no sentence breaks before their answer")
+    return (f"{single} of {kept} traces have one step: segment.strategy {strategy} found no step breaks in them, "
+            f"so their score is alpha alone; {advice}")
 
 
 STAGE = Stage(segment, Params, paths=[

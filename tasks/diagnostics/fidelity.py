@@ -16,7 +16,8 @@ extract ran with extract.projected, the projected source (each scorer whose Gram
 Traces are re-encoded with tasks.curate.spans under extract's settings and each must give extract's span
 token counts: exact mode scores the very tokens and spans the proxy scored.
 
-Outputs: fidelity.json (DVC metrics), fidelity.md, steps.parquet (every sampled step's signals).
+Outputs: fidelity.json (DVC metrics), stats.json (each target's seconds and ms per token), fidelity.md,
+steps.parquet (every sampled step's signals).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tasks.diagnostics.scorers import sample_scores, step_table, with_gram
 
 SIGNALS = ("alpha", "consistency", "step_score")
 CANDIDATES = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}  # scorer -> extract column
+TIMINGS = ("seconds", "ms_per_token")  # per target: run counters, in stats.json, not in the metrics file
 
 
 @params_section("fidelity")
@@ -156,7 +158,13 @@ def fidelity(segments: Path, extract_dir: Path, model: Path, out_dir: Path, para
         for signal in SIGNALS:
             steps = steps.append_column(f"{signal}_{name}", result["steps"][signal])
     write_parquet(Path(out_dir) / "steps.parquet", steps)
-    write_json(Path(out_dir) / "fidelity.json", report)
+    # The DVC metrics file holds the comparisons; each target's timing (a run counter, different on every
+    # machine) goes to stats.json, so `dvc metrics diff` across machines shows only real changes.
+    write_json(Path(out_dir) / "fidelity.json", {**report, "targets": {
+        target: {key: value for key, value in result.items() if key not in TIMINGS}
+        for target, result in report["targets"].items()}})
+    write_json(Path(out_dir) / "stats.json", {"targets": {
+        target: {key: result[key] for key in TIMINGS} for target, result in report["targets"].items()}})
     atomic_write_text(Path(out_dir) / "fidelity.md", markdown(report))
     return report
 
@@ -190,7 +198,7 @@ STAGE = Stage(fidelity, Params, paths=[
     ("segments", "segments.parquet from the segment stage"),
     ("extract_dir", "extract output directory (holds shards/)"),
     ("model", "model directory from the model stage"),
-    ("out_dir", "directory for fidelity.json, fidelity.md and steps.parquet"),
+    ("out_dir", "directory for fidelity.json, stats.json, fidelity.md and steps.parquet"),
 ], extra_sections=[
     ("extract", extract_stage.Params),
     ("score", score_stage.Params),

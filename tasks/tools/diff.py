@@ -16,13 +16,14 @@ report. The largest rank movers follow; they are often far from every boundary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -47,7 +48,7 @@ STEP_COLUMNS = ("alpha", "consistency", "step_score")
 
 
 class VersionError(ValueError):
-    """A version argument that names neither a directory nor a revision."""
+    """A version argument that names neither a directory nor a revision, or one that holds no outputs."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class _DirSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.how_to_get = "give the outputs/ of a run, or a folder of its files"
 
     def read(self, rel: str) -> bytes | None:
         path = self.root / rel
@@ -93,6 +95,10 @@ class _DvcSource:
         from dvc.exceptions import DvcException
 
         self.repo, self.rev = str(repo), rev
+        self.how_to_get = ("run `dvc repro` (or `dvc pull` where a remote holds them)" if rev is None else
+                           f"run `dvc pull` where a remote holds them, or `git checkout {rev} && dvc repro` "
+                           "(then commit dvc.lock), or compare `workspace` or directories")
+        self.missing: str | None = None  # the first output DVC names but cannot read (not in its cache)
         try:
             self.fs = dvc.api.DVCFileSystem(self.repo, rev=rev)
             self.fs.repo  # opens the repository and resolves the revision now, to fail with a clear message
@@ -101,16 +107,31 @@ class _DvcSource:
 
     def read(self, rel: str) -> bytes | None:
         path = "/" + rel  # absolute within the repo, whatever the current directory
-        if not self.fs.isfile(path):
-            return None
-        with self.fs.open(path, "rb") as handle:
-            return handle.read()
+        with self._unless_uncached(rel):
+            if not self.fs.isfile(path):
+                return None
+            with self.fs.open(path, "rb") as handle:
+                return handle.read()
+        return None
 
     def subdirs(self, rel: str) -> list[str]:
         path = "/" + rel.rstrip("/")
-        if not self.fs.isdir(path):
-            return []
-        return sorted(Path(e["name"]).name for e in self.fs.ls(path, detail=True) if e["type"] == "directory")
+        with self._unless_uncached(rel):
+            if not self.fs.isdir(path):
+                return []
+            return sorted(Path(e["name"]).name for e in self.fs.ls(path, detail=True) if e["type"] == "directory")
+        return []
+
+    @contextlib.contextmanager
+    def _unless_uncached(self, rel: str) -> Iterator[None]:
+        """dvc.lock names the output, but neither the cache nor a remote holds its bytes (a fresh clone):
+        remember the first such path for the one-line error, and read it as absent."""
+        from dvc_data.index import DataIndexError
+
+        try:
+            yield
+        except (FileNotFoundError, DataIndexError):
+            self.missing = self.missing or rel
 
     def params(self) -> dict[str, Any]:
         import dvc.api
@@ -160,6 +181,12 @@ def load_version(spec: str, repo: Path = Path(".")) -> Version:
     else:
         source = _DvcSource(repo, None if spec == "workspace" else spec)
     score_bytes = _first(source, ARTIFACT_PATHS["sample_scores"]) or _first(source, ARTIFACT_PATHS["ranking"])
+    subsets = _read_subsets(source)
+    if score_bytes is None and not subsets:
+        missing = getattr(source, "missing", None)
+        where = f"{missing} is in neither the DVC cache nor a remote" if missing else \
+            "no sample_scores.parquet, ranking.parquet or subsets/<name>/ids.txt"
+        raise VersionError(f"{spec} has no curation outputs ({where}): {source.how_to_get}")
     scores: dict[str, float] = {}
     if score_bytes is not None:
         table = pq.read_table(io.BytesIO(score_bytes), columns=["id", "score"])
@@ -173,7 +200,7 @@ def load_version(spec: str, repo: Path = Path(".")) -> Version:
     if ranking_bytes is not None and "question" in pq.read_schema(io.BytesIO(ranking_bytes)).names:
         ranking = pq.read_table(io.BytesIO(ranking_bytes), columns=["id", "question"])
         questions = dict(zip(ranking.column("id").to_pylist(), ranking.column("question").to_pylist()))
-    return Version(spec, flatten(source.params()), _read_subsets(source), scores, step_scores, segments, questions)
+    return Version(spec, flatten(source.params()), subsets, scores, step_scores, segments, questions)
 
 
 # ---- comparing two versions (pure) ---------------------------------------------------------------

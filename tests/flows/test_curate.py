@@ -10,6 +10,7 @@ import importlib
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -30,9 +31,10 @@ import tasks.curate.extract
 from tasks.core.stage import ParamsError, StageInputError
 from tasks.curate.validate import ExpectationsFailed
 from flows.curate import (EPHEMERAL_STARTUP_SECONDS, LOOPBACK, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
-                          dask_task_runner, ingest_task, model_task, prefect_settings, retry_if_transient, score_task,
-                          segment_task, stage_paths, summary_markdown, validation_report)
+                          dask_task_runner, ignore_outputs, ingest_task, model_task, prefect_settings, retry_if_transient,
+                          score_task, segment_task, stage_paths, summary_markdown, validation_report)
 from tests.flows.workspace import REPO, assert_same_artifacts, write_workspace
+from tests.params_yaml import committed_document
 
 STAGES = ["ingest", "segment", "model", "extract", "score", "cluster", "aggregate", "select", "validate", "export",
           "report"]  # unconditional runs for score.method ifd only
@@ -128,6 +130,38 @@ def test_flow_publishes_markdown_summary(in_process_run):
     assert f"Scoring model: {state.result()['stages']['model']['source']} (identity " in markdown
 
 
+def test_a_failed_run_publishes_its_failure_and_its_outputs_ignore_themselves(prefect_api, tmp_path, tiny_model_dir):
+    """A run that stops at a stage still replaces the summary artifact (`prefect artifact inspect` would
+    show the previous run's "passed"); any --outputs directory keeps itself out of git."""
+    root = write_workspace(tmp_path / "ws", tiny_model_dir)
+    (root / "data" / "gsm_noisy" / "pool.jsonl").write_text("")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        state = curate(outputs_dir="flow_out", return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    [artifact] = [a for a in artifacts if a.key == SUMMARY_ARTIFACT_KEY]
+    assert artifact.data.startswith("# GRACE curation run: FAILED at ingest\n")
+    assert "StageInputError: ingest: data/gsm_noisy/pool.jsonl holds no records" in artifact.data
+    assert "## Validation" not in artifact.data  # nothing claimed for stages that never ran
+    assert (root / "flow_out" / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+def test_an_outputs_directory_is_ignored_by_git(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    ignore_outputs(tmp_path / "flow_out")
+    (tmp_path / "flow_out" / "ingest").mkdir()
+    (tmp_path / "flow_out" / "ingest" / "traces.parquet").write_bytes(b"x")
+    status = subprocess.run(["git", "-C", str(tmp_path), "status", "--porcelain", "--untracked-files=all"],
+                            capture_output=True, text=True, check=True).stdout
+    assert status == ""  # what `dvc exp run`/`apply` would have committed is invisible to git
+    (tmp_path / "flow_out" / ".gitignore").write_text("mine\n")
+    ignore_outputs(tmp_path / "flow_out")  # a .gitignore of the user's own is left as it is
+    assert (tmp_path / "flow_out" / ".gitignore").read_text() == "mine\n"
+
+
 def test_stage_log_lines_reach_the_run_log(in_process_run):
     _, state = in_process_run
     APILogHandler().flush()  # the handler ships logs in the background
@@ -202,7 +236,7 @@ def test_stage_paths_are_dvc_yaml_paths():
     # unconditional, which only score.method ifd reads, is finetune/dvc.yaml's (where the ifd subsets are made)
     dvc_stages["unconditional"] = yaml.safe_load((REPO / "finetune/dvc.yaml").read_text(encoding="utf-8"))[
         "stages"]["unconditional"]
-    pool = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["data"]["pool"]
+    pool = committed_document()["data"]["pool"]
     assert pool == "data/gsm_noisy/pool.jsonl"  # the flow's default input
     for stage, paths in stage_paths(pool, "outputs").items():
         argv = shlex.split(dvc_stages[stage]["cmd"].replace("${data.pool}", pool), comments=True)

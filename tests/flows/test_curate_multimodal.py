@@ -13,6 +13,7 @@ import yaml
 
 from tests.flows.test_curate import run_curate
 from tests.flows.workspace import REPO
+from tests.params_yaml import committed_document
 from tests.tasks.tiny_vlm import build_tiny_vlm_dir
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -26,7 +27,7 @@ def multimodal_run(prefect_api, tmp_path_factory):
     """One flow run on N_CHARTS charts (one image deleted, one replaced by text): (workspace, final state)."""
     root = tmp_path_factory.mktemp("curate_multimodal")
     model_dir = build_tiny_vlm_dir(tmp_path_factory.mktemp("tiny_vlm"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params = committed_document()
     params["model"]["source"] = str(model_dir)
     params["ingest"].update(preset="sharegpt", image_root="data/mm_charts")
     params["extract"].update(device="cpu", shard_size=4, cache_dir=None)

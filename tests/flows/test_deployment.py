@@ -26,7 +26,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.curate import SUMMARY_ARTIFACT_KEY, curate
+import flows.serve
 from flows.serve import DeploymentSpec, spec_from_args
+from tests.params_yaml import committed_document
 
 REPO = Path(__file__).resolve().parents[2]
 SERVER_START_TIMEOUT_S = 180  # a cold server start (imports, database migrations) takes tens of seconds
@@ -106,7 +108,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def workspace(tmp_path, gsm_rows, tiny_model_dir) -> Path:
     """A params file on the tiny local model and a three-trace GSM pool, as a user's directory would hold them."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = committed_document()
     params["model"]["source"] = str(tiny_model_dir)
     params["extract"]["cache_dir"] = None  # no cache: the run must compute everything it reports
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -198,3 +200,18 @@ def test_a_bad_setting_fails_at_start_naming_it(tmp_path, capsys, args, named):
     with pytest.raises(SystemExit):
         spec_from_args(given + args, environ={})
     assert named in capsys.readouterr().err
+
+
+def test_serving_without_an_api_is_refused_saying_what_to_start(tmp_path, capsys, monkeypatch):
+    """Without PREFECT_API_URL Prefect would register on a temporary API that never fires the schedule."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "pool.jsonl").write_text("{}\n")
+
+    def serve(*args, **kwargs):
+        raise AssertionError("served without an API")  # instead of serving forever
+
+    monkeypatch.setattr(flows.serve.curate, "serve", serve)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(SystemExit) as refused:
+        flows.serve.main(["--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "pool.jsonl")])
+    assert refused.value.code == flows.serve.NO_API  # printed to stderr as one line, exit status 1
+    assert "prefect server start" in refused.value.code and "\n" not in refused.value.code

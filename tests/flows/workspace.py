@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import GSM_ROWS
+from tests.params_yaml import committed_document
 
 REPO = Path(__file__).resolve().parents[2]
 # Run counters: wall times (*seconds), throughputs (*_per_s) and what the extraction cache served.
@@ -40,7 +41,7 @@ POOL_LINES = [json.dumps(row, ensure_ascii=False) for row in GSM_ROWS] + [
 def write_workspace(root: Path, model_dir: Path, **extract_overrides) -> Path:
     """root/params.yaml (the repository's, on the tiny model), root/data/gsm_noisy/pool.jsonl, data/no_images and
     data/no_labels.jsonl."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params = committed_document()
     params["model"]["source"] = str(model_dir)
     # Two shards of two traces; no cache, so every run computes what it writes.
     params["extract"].update(device="cpu", shard_size=2, cache_dir=None, **extract_overrides)

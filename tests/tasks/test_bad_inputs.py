@@ -16,9 +16,9 @@ from tasks.core.artifacts import read_extract
 from tasks.core.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA
 from tasks.core.stage import StageInputError, write_parquet
 from tasks.curate import aggregate, export, extract, ingest, report, score, segment, select, unconditional, validate
+from tests.params_yaml import committed_file
 from tests.tasks.extract_tables import write_extract
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -67,7 +67,7 @@ def test_a_wrong_field_mapping_stops_ingest_naming_the_fields(tmp_path, gsm_rows
     rows = [{"uid": r["id"], "query": r["question"], "solution_text": r["answer"]} for r in gsm_rows]
     source = write_lines(tmp_path / "pool.jsonl", [json.dumps(row) for row in rows])
     line = cli_error(capsys, ingest.main, "--input", source, "--out-dir", tmp_path / "out", "--params",
-                     REPO / "params.yaml")
+                     committed_file(tmp_path / "params"))
     assert line.startswith("python -m tasks.curate.ingest: error: ingest: kept none of the 3 records of")
     assert "missing_field: 3" in line and "ingest.question_fields ['question'," in line
     assert "the records have fields ['query', 'solution_text', 'uid']" in line
@@ -77,7 +77,7 @@ def test_a_wrong_field_mapping_stops_ingest_naming_the_fields(tmp_path, gsm_rows
 def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path, capsys):
     def ingest_error(path: Path) -> str:
         return cli_error(capsys, ingest.main, "--input", path, "--out-dir", tmp_path / "out", "--params",
-                         REPO / "params.yaml")
+                         committed_file(tmp_path / "params"))
 
     assert "no-such.jsonl does not exist" in ingest_error(tmp_path / "no-such.jsonl")
     (tmp_path / "folder").mkdir()
@@ -88,7 +88,7 @@ def test_unreadable_inputs_are_one_line_naming_the_path(tmp_path, capsys):
 
 
 def test_every_stage_stops_on_empty_input_with_one_line(tmp_path, tiny_model_dir, capsys):
-    params = REPO / "params.yaml"
+    params = committed_file(tmp_path / "params")
     empty = write_lines(tmp_path / "empty.jsonl", [])
     assert cli_error(capsys, ingest.main, "--input", empty, "--out-dir", tmp_path / "i", "--params", params) \
         .endswith(f"ingest: {empty} holds no records")

@@ -6,11 +6,13 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tasks.core.schema import EXPORT_SCHEMA
 from tasks.core.stage import ParamsError, params_from_dict
+from tasks.curate import ingest
 from tasks.curate.export import Params, export, to_alpaca
-from tests.tasks.outputs_tree import build_outputs
+from tests.tasks.outputs_tree import MODEL_INFO, build_outputs
 
 
 @pytest.fixture
@@ -22,7 +24,7 @@ def outputs(tmp_path):
 
 
 def run(root, params=Params()):
-    return export(root / "select/subsets", root / "segment/segments.parquet", root / "export", params)
+    return export(root / "select/subsets", root / "segment/segments.parquet", root / "export", params, outputs=root)
 
 
 def test_every_format_round_trips_to_the_source_rows(outputs):
@@ -45,8 +47,9 @@ def test_every_format_round_trips_to_the_source_rows(outputs):
         for record, id_ in zip(alpaca, ids):
             prompt = json.loads(traces[id_]["prompt_messages"])
             system = {"system": prompt[0]["content"]} if prompt[0]["role"] == "system" else {}
-            assert record == {"instruction": traces[id_]["question"], "input": "", "output": traces[id_]["response"],
-                              **system}
+            assert record == {"id": id_, "instruction": traces[id_]["question"], "input": "",
+                              "output": traces[id_]["response"], **system, "score": ranking[id_]["score"],
+                              "rank": ranking[id_]["rank"]}
         table = pq.read_table(folder / "data.parquet")
         assert table.schema.equals(EXPORT_SCHEMA)
         for row, id_ in zip(table.to_pylist(), ids):
@@ -56,6 +59,22 @@ def test_every_format_round_trips_to_the_source_rows(outputs):
     n_rows = sum(len(ids) for ids in built["subsets"].values()) * 4
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (n_rows, n_rows, 0)
     assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in built["subsets"]["top20pct"])
+
+
+@pytest.mark.parametrize("file_name, preset", [("messages.jsonl", "messages"),
+                                               ("prompt_completion.jsonl", "prompt_completion"),
+                                               ("alpaca.json", "alpaca"), ("data.parquet", "grace_parquet")])
+def test_every_export_reads_back_through_ingest_to_the_same_ids_and_content_hashes(outputs, file_name, preset):
+    """A subset exported, then ingested with its preset, is the same traces (system prompts included)."""
+    root, built, traces, _ = outputs
+    run(root)
+    ids = built["subsets"]["top20pct"]
+    assert any(traces[i]["prompt_messages"].startswith('[{"role": "system"') for i in ids)
+    stats = ingest.ingest(root / "export/subsets/top20pct" / file_name, root / "back", ingest.Params(preset=preset))
+    assert (stats["kept"], stats["quarantined"]) == (len(ids), 0)
+    back = pq.read_table(root / "back/traces.parquet").to_pylist()
+    assert [(r["id"], r["content_hash"]) for r in back] == [(i, traces[i]["content_hash"]) for i in ids]
+    assert [r["final_answer"] for r in back] == [traces[i]["final_answer"] for i in ids]
 
 
 def test_multi_turn_prompt_leaves_alpaca_only_and_is_quarantined(outputs):
@@ -87,10 +106,45 @@ def test_missing_trace_is_quarantined_and_formats_param_is_honoured(outputs):
     ids_file = root / "select/subsets/top10pct/ids.txt"
     ids_file.write_text(ids_file.read_text() + "ghost\n")
     stats = run(root, Params(formats=("messages",)))
-    assert sorted(p.name for p in (root / "export/subsets/top10pct").iterdir()) == ["messages.jsonl"]
+    assert sorted(p.name for p in (root / "export/subsets/top10pct").iterdir()) == [
+        "README.md", "dataset_info.json", "messages.jsonl"]
     quarantine = [json.loads(line) for line in (root / "export/quarantine.jsonl").read_text().splitlines()]
     assert [(q["id"], q["reason"]) for q in quarantine] == [("ghost", "id_not_in_segments")]
     assert stats["rows"]["top10pct"] == {"messages": len(built["subsets"]["top10pct"])}
+
+
+def test_each_subset_has_a_dataset_card_and_a_llama_factory_registry(outputs):
+    root, built, _, _ = outputs
+    (root / "ingest/stats.json").write_text(json.dumps({"stage": "ingest", "read": 31, "kept": 30, "quarantined": 1,
+                                                        "input": "data/pool.jsonl", "input_sha256": "ab" * 32}))
+    run(root)
+    folder = root / "export/subsets/top10pct"
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["configs"][0] == {"config_name": "messages", "data_files": "messages.jsonl", "default": True}
+    assert [(c["config_name"], c["data_files"]) for c in meta["configs"]] == [
+        ("messages", "messages.jsonl"), ("prompt_completion", "prompt_completion.jsonl"), ("alpaca", "alpaca.json"),
+        ("parquet", "data.parquet")]
+    assert body.startswith("\n# GRACE-curate subset top10pct\n\n3 reasoning traces from `data/pool.jsonl`, the top 10% "
+                           "of traces of the 30 scored (score method grace, scoring model `tiny test model`), best first.")
+    grace = meta["grace"]
+    assert grace["source"] == {"file": "data/pool.jsonl", "sha256": "ab" * 32, "preset": None, "read": 31,
+                                    "kept": 30, "quarantined": 1}
+    assert grace["model"] == {"source": MODEL_INFO["source"], "identity": MODEL_INFO["identity"]}
+    manifest = json.loads((root / "select/manifest.json").read_text())["subsets"]["top10pct"]
+    assert grace["selection"] == {"rule": "the top 10% of traces", "method": "grace", "n_scored": 30,
+                                  "n_selected": 3, "n_tokens": manifest["n_tokens"],
+                                  "score_threshold": manifest["score_threshold"]}
+    assert grace["settings"]["score.lambda_"] == "0.5" and grace["rows"]["alpaca"] == len(built["subsets"]["top10pct"])
+    assert "it does not check that a step or the answer is correct" in body
+    info = json.loads((folder / "dataset_info.json").read_text())
+    assert info["top10pct_alpaca"] == {"file_name": "alpaca.json", "formatting": "alpaca", "columns": {
+        "prompt": "instruction", "query": "input", "response": "output", "system": "system"}}
+    assert info["top10pct_messages"]["file_name"] == "messages.jsonl"
+    assert info["top10pct_messages"]["formatting"] == "sharegpt" and info["top10pct_messages"]["tags"]["role_tag"] == "role"
+    first = json.loads((folder / "messages.jsonl").read_text().splitlines()[0])  # the tags name what the rows hold
+    assert set(first["messages"][0]) == {info["top10pct_messages"]["tags"]["role_tag"], "content"}
 
 
 def test_rerun_replaces_stale_subsets(outputs):

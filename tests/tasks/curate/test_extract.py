@@ -14,9 +14,9 @@ import yaml
 
 from tasks.core.artifacts import read_extract
 from tasks.core.schema import EXTRACT_SCHEMA, SEGMENT_SCHEMA, content_hash
-from tasks.core.stage import load_params
 from tasks.curate.extract import (PACK_SCHEMA, PackCache, Params, extract, extract_shard, finalize, load_model, main,
                                   plan_shards, trace_key)
+from tests.params_yaml import defaults_are_the_section
 
 SHARD = 3
 
@@ -73,8 +73,8 @@ def output_bytes(out_dir: Path) -> dict[str, bytes]:
     return {str(path.relative_to(out_dir)): path.read_bytes() for path in files}
 
 
-def test_params_are_the_params_yaml_section():
-    assert load_params(Params, "extract", Path(__file__).parents[3] / "params.yaml") == Params()
+def test_params_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "extract", tmp_path)
 
 
 def test_cli_writes_shards_quarantine_and_stats(tmp_path, segments, tiny_model_dir):
@@ -87,6 +87,8 @@ def test_cli_writes_shards_quarantine_and_stats(tmp_path, segments, tiny_model_d
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (8, 6, 2)
     assert stats["quarantined_invalid_spans"] == stats["quarantined_response_exceeds_context"] == 1
     assert stats["shards"] == 3 and 0 <= stats["padding_waste"] < 1 and stats["tokens_per_s"] > 0
+    # timings stay in stats.json: in the DVC metrics file every cross-machine `dvc metrics diff` would list them
+    assert json.loads((out_dir / "metrics.json").read_text()) == {"loss_tokens": stats["loss_tokens"]}
     reasons = {json.loads(line)["id"]: json.loads(line)["reason"]
                for line in (out_dir / "quarantine.jsonl").read_text().splitlines()}
     assert reasons == {"bad-spans": "invalid_spans", "too-long": "response_exceeds_context"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.schema import TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, StageInputError, load_params, params_from_dict
+from tasks.core.stage import ParamsError, StageInputError, params_from_dict
 from tasks.curate.ingest import Params, extract_final_answer, ingest, main
+from tests.params_yaml import committed_file, defaults_are_the_section
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -72,6 +74,9 @@ def test_gsm_rows_become_canonical_traces(tmp_path, gsm_rows):
         assert row["content_hash"] == content_hash(row["prompt_messages"], row["response"])
         assert json.loads(row["raw"]) == original
     assert "€2.50" in rows[2]["raw"]  # ensure_ascii=False: the record can be written back as it came
+    # the pool as the dataset cards cite it
+    assert (stats["input"], stats["input_sha256"]) == ((tmp_path / "in.jsonl").as_posix(),
+                                                       hashlib.sha256((tmp_path / "in.jsonl").read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize("rows", [pytest.param([dict(r) for r in CHAT_ROWS], id="chat"), pytest.param(None, id="gsm")])
@@ -93,13 +98,62 @@ def test_jsonl_parquet_and_hf_disk_give_the_same_table(tmp_path, gsm_rows, rows)
         assert tables[name].equals(tables["in.jsonl"]), name
 
 
-def test_hf_dataset_dict_with_several_splits_names_them(tmp_path, gsm_rows):
+def test_a_dataset_dict_is_read_at_ingest_split(tmp_path, gsm_rows):
     import datasets
 
-    split = datasets.Dataset.from_list(gsm_rows)
-    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "hf"))
-    with pytest.raises(ValueError, match="train"):
-        ingest(tmp_path / "hf", tmp_path / "out", Params())
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(gsm_rows[:2]),
+                          "test": datasets.Dataset.from_list(gsm_rows[2:])}).save_to_disk(str(tmp_path / "hf"))
+    assert ingest(tmp_path / "hf", tmp_path / "out", Params(split="test"))["kept"] == 1
+    with pytest.raises(ParamsError) as refused:  # one line on the command line, naming the splits and the setting
+        ingest(tmp_path / "hf", tmp_path / "out2", Params())
+    assert str(refused.value) == (f"ingest.split: {tmp_path / 'hf'} holds splits ['train', 'test'] and ingest.split "
+                                  "is null; set ingest.split to one of them")
+    with pytest.raises(ParamsError, match="it has no split 'validation'"):
+        ingest(tmp_path / "hf", tmp_path / "out3", Params(split="validation"))
+
+
+def test_compressed_jsonl_and_json_read_as_the_plain_file(tmp_path, gsm_rows):
+    import gzip
+
+    lines = [json.dumps(r).encode() for r in gsm_rows] + [b'{"id": "broken"']
+    plain = run(tmp_path / "plain", b"\n".join(lines) + b"\n")
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "in.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    stats = ingest(tmp_path / "gz" / "in.jsonl.gz", tmp_path / "gz" / "out", Params())
+    assert pq.read_table(tmp_path / "gz" / "out" / "traces.parquet").equals(plain[1])
+    assert stats["quarantined_malformed_json"] == 1  # a bad line still costs one record
+    (tmp_path / "gz" / "alpaca.json.gz").write_bytes(gzip.compress(json.dumps(gsm_rows).encode()))
+    assert ingest(tmp_path / "gz" / "alpaca.json.gz", tmp_path / "gz" / "out2", Params())["kept"] == 3
+    try:
+        import zstandard
+    except ImportError:  # zstandard is optional: a .zst file is then one line saying what to do
+        (tmp_path / "in.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+        with pytest.raises(StageInputError, match="zstandard-compressed, and the zstandard package is not installed"):
+            ingest(tmp_path / "in.jsonl.zst", tmp_path / "zst", Params())
+    else:
+        (tmp_path / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+        ingest(tmp_path / "in.jsonl.zst", tmp_path / "zst", Params())
+        assert pq.read_table(tmp_path / "zst" / "traces.parquet").equals(plain[1])
+
+
+def test_a_hub_id_is_read_by_load_dataset(tmp_path, gsm_rows, monkeypatch):
+    """Offline: a local dataset directory through the same datasets.load_dataset call a hub id takes."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "owner" / "gsm"
+    (repo / "data").mkdir(parents=True)
+    write_jsonl(repo / "data" / "train.jsonl", gsm_rows[:2])
+    write_jsonl(repo / "data" / "test.jsonl", gsm_rows[2:])
+    stats = ingest(repo, tmp_path / "out", Params(format="hub", split="train"))
+    assert stats["kept"] == 2
+    assert pq.read_table(tmp_path / "out" / "traces.parquet").column("id").to_pylist() == ["gsm-a", "gsm-b"]
+    called = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: called.append(name) or datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(gsm_rows)}))
+    assert ingest(Path("open-r1/OpenR1-Math-220k"), tmp_path / "out2", Params())["kept"] == 3  # auto: an id
+    assert called == ["open-r1/OpenR1-Math-220k"]
 
 
 def test_every_bad_record_kind_is_quarantined_with_its_reason(tmp_path, gsm_rows):
@@ -217,8 +271,8 @@ def test_extract_final_answer(text, patterns, expected):
     assert extract_final_answer(text, patterns) == expected
 
 
-def test_params_defaults_are_the_params_yaml_section():
-    assert load_params(Params, "ingest", REPO / "params.yaml") == Params()
+def test_params_defaults_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "ingest", tmp_path)
     with pytest.raises(ParamsError, match="ingest.format"):
         params_from_dict(Params, "ingest", {"format": "csv"})
     with pytest.raises(ParamsError, match="ingest.answer_patterns"):
@@ -227,7 +281,8 @@ def test_params_defaults_are_the_params_yaml_section():
 
 def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     source = write_jsonl(tmp_path / "pool.jsonl", gsm_rows)
-    stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")])
+    params = committed_file(tmp_path / "params")
+    stats = main(["--input", str(source), "--out-dir", str(tmp_path / "out"), "--params", str(params)])
     assert stats["kept"] == 3
     # images/: dvc.yaml's out of ingest, there (empty) for a text pool too
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"traces.parquet", "quarantine.jsonl", "stats.json",
@@ -236,7 +291,7 @@ def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     capsys.readouterr()  # the first run's count line
     with pytest.raises(SystemExit) as stopped:  # on the command line a setting to change is one line, not a traceback
         main(["--input", str(tmp_path / "pool.txt"), "--out-dir", str(tmp_path / "x"),
-              "--params", str(REPO / "params.yaml")])
+              "--params", str(params)])
     assert stopped.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("python -m tasks.curate.ingest: error: ingest.format") and "pool.txt" in line
@@ -301,6 +356,59 @@ def test_numina_generations_become_one_trace_each(tmp_path):
     assert [(q["id"], q["reason"]) for q in quarantine] == [("p1-1", "null_generation"), ("p1-2", "empty_field"),
                                                            ("p3", "empty_field")]
     assert (stats["read"], stats["kept"], stats["generations_expanded"]) == (6, 3, 3)  # 4 + 1 + 1 reads
+
+
+def test_numina_everything_per_generation_follows_the_selected_one(tmp_path):
+    """OpenR1: a trace of generation 2 keeps generation 2 in its own `messages` and per-generation lists."""
+    generations = ["A: $\\boxed{5}$.", "B: 2 + 3 = $\\boxed{5}$.", "C: 2 + 3 is $\\boxed{6}$."]
+    rows = [{"uuid": "p1", "problem": "2+3?", "solution": "$\\boxed{5}$", "generations": generations,
+             "messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": generations[0]}],
+             "correctness_math_verify": [True, True, False], "is_reasoning_complete": [True, True, True],
+             "finish_reasons": ["stop", "stop", "length"], "correctness_llama": None, "correctness_count": 2}]
+    _, table, _ = run(tmp_path, rows, Params(preset="numina"))
+    raw = {row["id"]: json.loads(row["raw"]) for row in table.to_pylist()}
+    third = raw["p1-2"]
+    assert third["generations"] == [generations[2]]
+    assert third["messages"] == [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": generations[2]}]
+    assert (third["correctness_math_verify"], third["is_reasoning_complete"], third["finish_reasons"]) == \
+        ([False], [True], ["length"])
+    assert third["correctness_llama"] is None and third["correctness_count"] == 2  # not per generation: as it was
+    assert raw["p1-1"]["messages"][1]["content"] == generations[1]
+
+
+def test_an_exact_repeat_of_a_response_is_quarantined_with_its_reason(tmp_path):
+    same = "2 + 3 = 5.\nSo $\\boxed{5}$."
+    rows = [{"uuid": "p1", "problem": "2+3?", "solution": "5", "generations": [same, same, "Five: $\\boxed{5}$."]},
+            {"uuid": "p2", "problem": "2+3?", "solution": same}]  # the same question and response in another record
+    stats, table, quarantine = run(tmp_path, rows, Params(preset="numina"))
+    assert table.column("id").to_pylist() == ["p1-0", "p1-2"]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("p1-1", "duplicate_response"), ("p2", "duplicate_response")]
+    assert "the same prompt and response as 'p1-0'" in quarantine[0]["detail"]
+    assert stats["quarantined_duplicate_response"] == 2 and stats["read"] == stats["kept"] + stats["quarantined"]
+    _, kept_all, _ = run(tmp_path / "keep", rows, Params(preset="numina", drop_duplicate_responses=False))
+    assert kept_all.num_rows == 4
+
+
+def test_question_response_answer_records_score_the_reasoning_not_the_answer(tmp_path):
+    """The default response_fields list `answer` first: of several present, the longest text is the response."""
+    rows = [{"id": "q1", "question": "6 x 9?", "response": "6 x 9 = 54.\nThe answer is 54.", "answer": "54"},
+            {"id": "q2", "question": "2+2?", "answer": "2 + 2 = 4.\n#### 4"}]  # GSM8K: `answer` alone is the response
+    _, table, _ = run(tmp_path, rows)
+    assert table.column("response").to_pylist() == ["6 x 9 = 54.\nThe answer is 54.", "2 + 2 = 4.\n#### 4"]
+    assert table.column("final_answer").to_pylist() == ["54", "4"]
+
+
+def test_openai_text_content_parts_are_read_as_text(tmp_path):
+    parts = [{"type": "text", "text": "What is 2+3?"}, {"type": "text", "text": "Show your work."}]
+    rows = [{"id": "c1", "messages": [{"role": "user", "content": parts},
+                                      {"role": "assistant", "content": [{"type": "text", "text": "2+3 = 5.\n#### 5"}]}]},
+            {"id": "c2", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                                      {"role": "assistant", "content": "5"}]}]
+    _, table, quarantine = run(tmp_path, rows)
+    row = table.to_pylist()[0]
+    assert (row["question"], row["response"], row["final_answer"]) == ("What is 2+3?\nShow your work.", "2+3 = 5.\n#### 5", "5")
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("c2", "wrong_type")]
+    assert "parts of type ['image_url']; only text parts are read as text" in quarantine[0]["detail"]
 
 
 def test_multiple_choice_options_and_letters(tmp_path):

@@ -179,6 +179,17 @@ def test_stage_table_has_select_and_validate_and_cuts_nothing(outputs):
     assert re.search(r"<tr><td>model</td>.*?identity=", html)
 
 
+def test_a_stage_warning_is_shown_first(outputs):
+    root, _ = outputs
+    stats = json.loads((root / "segment/stats.json").read_text())
+    warning = "25 of 30 traces have one step: segment.strategy newline found no step breaks in them"
+    (root / "segment/stats.json").write_text(json.dumps({**stats, "warnings": [warning]}))
+    report(root, root / "report", Params())
+    html = (root / "report/report.html").read_text()
+    assert f'<div class="warning"><h2>Warnings</h2><ul><li>segment: {warning}</li></ul></div>' in html
+    assert html.index("Warnings") < html.index("<h2>Run</h2>")
+
+
 def test_failed_validation_is_stated_with_each_failure(outputs):
     root, _ = outputs
     failure = {"expectation": "expect_column_values_to_be_between", "column": "alpha", "observed": "3 of 30"}

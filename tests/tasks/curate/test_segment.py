@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, load_params, params_from_dict
+from tasks.core.stage import ParamsError, params_from_dict
 from tasks.curate.ingest import Params as IngestParams
 from tasks.curate.ingest import ingest
 from tasks.curate.segment import STRATEGIES, Params, Unsegmentable, main, segment, segment_text, split_steps
+from tests.params_yaml import committed_file, defaults_are_the_section
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 def texts(text: str, spans: list[tuple[int, int]]) -> list[str]:
@@ -74,6 +74,22 @@ def test_gsm_rows_newline_segments(tmp_path, gsm_rows):
     assert stats["single_step_traces"] == 0
     assert segment(tmp_path / "ingest" / "traces.parquet", tmp_path / "para", Params(strategy="paragraph"))[
         "single_step_traces"] == 3
+    assert "warnings" not in stats
+
+
+def test_most_traces_in_one_step_is_a_warning_naming_the_strategy(tmp_path, caplog):
+    """Prose with several sentences a line: newline finds one step each, so every score is alpha alone."""
+    rows = [{"id": f"p{i}", "question": f"{i} + {i}?",
+             "response": f"We add {i} and {i}. That makes {2 * i}. Check it twice. So there are {2 * i} apples."}
+            for i in range(4)]
+    traces = ingested(tmp_path, rows)
+    with caplog.at_level("WARNING", logger="tasks.segment"):
+        stats = segment(traces, tmp_path / "seg", Params())
+    [warning] = stats["warnings"]
+    assert warning == ("4 of 4 traces have one step: segment.strategy newline found no step breaks in them, so their "
+                       "score is alpha alone; for prose with several sentences a line, set segment.strategy: sentence")
+    assert warning in caplog.text
+    assert "warnings" not in segment(traces, tmp_path / "sent", Params(strategy="sentence"))
 
 
 def test_strip_calculator_spans_refer_to_the_stripped_text(tmp_path, gsm_rows):
@@ -256,14 +272,14 @@ def test_split_steps_on_empty_or_blank_text():
     assert split_steps("", "newline") == [] and split_steps(" \n\t ", "sentence") == []
 
 
-def test_params_defaults_are_the_params_yaml_section():
-    assert load_params(Params, "segment", REPO / "params.yaml") == Params()
+def test_params_defaults_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "segment", tmp_path)
     with pytest.raises(ParamsError, match="segment.strategy"):
         params_from_dict(Params, "segment", {"strategy": "words"})
 
 
 def test_cli_runs_the_stage(tmp_path, gsm_rows):
     traces = ingested(tmp_path, gsm_rows)
-    stats = main(["--traces", str(traces), "--out-dir", str(tmp_path / "seg"), "--params", str(REPO / "params.yaml")])
+    stats = main(["--traces", str(traces), "--out-dir", str(tmp_path / "seg"), "--params", str(committed_file(tmp_path / "params"))])
     assert stats["kept"] == 3 and stats["strategy"] == "newline"
     assert {p.name for p in (tmp_path / "seg").iterdir()} == {"segments.parquet", "quarantine.jsonl", "stats.json"}

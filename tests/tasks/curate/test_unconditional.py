@@ -75,6 +75,8 @@ def test_losses_without_the_question(tmp_path, tiny_model_dir, gsm_rows):
     stats = main(["--params", str(params), "--segments", str(segments), "--model", str(tiny_model_dir),
                   "--out-dir", str(tmp_path / "unconditional")])
     assert stats["read"] == stats["kept"] == len(gsm_rows)
+    metrics = json.loads((tmp_path / "unconditional" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics == {"mean_loss": stats["mean_loss"]} and stats["seconds"] >= 0  # the timing is in stats.json only
     table = read_losses(tmp_path / "unconditional" / "losses.parquet")
     assert table.schema == UNCONDITIONAL_SCHEMA
     responses = dict(zip(*pq.read_table(segments, columns=["id", "scored_response"]).to_pydict().values()))

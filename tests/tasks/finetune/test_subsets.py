@@ -18,6 +18,7 @@ from tasks.finetune.runs import evaluation_problems, run_all, run_key
 from tasks.finetune.runs import main as runs_main
 from tasks.finetune.subsets import Params, build_subsets, main
 from tests.conftest import GSM_ROWS
+from tests.params_yaml import defaults_are_the_section
 from tests.tasks.tiny_pipeline import build_extract, build_segments
 
 MORE_ROWS = [{"id": f"gsm-{i}", "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -160,9 +161,8 @@ def test_params_name_the_setting_at_fault(key, value, message):
         params_from_dict(Params, "finetune_eval", {key: value})
 
 
-def test_params_defaults_are_the_params_yaml_section():
-    document = yaml.safe_load((Path(__file__).parents[3] / "params.yaml").read_text(encoding="utf-8"))
-    assert params_from_dict(Params, "finetune_eval", document["finetune_eval"]) == Params()
+def test_params_defaults_are_the_params_yaml_section(tmp_path):
+    assert defaults_are_the_section(Params, "finetune_eval", tmp_path)
 
 
 def test_subsets_cli_reads_its_sections(curation, tmp_path):

@@ -111,6 +111,21 @@ def test_unknown_version_is_a_clear_error(history, capsys):
     assert "'no-such-rev' is not a directory, nor a revision" in capsys.readouterr().err
 
 
+def test_a_fresh_clone_without_outputs_is_one_line_saying_how_to_get_them(history, tmp_path, capsys):
+    """The README's `grace diff HEAD~1 HEAD` in a fresh clone: dvc.lock names outputs its empty cache lacks."""
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(history["repo"]), str(clone))
+    assert cli.main(["diff", "HEAD~1", "HEAD", "--repo", str(clone)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("grace diff: HEAD~1 has no curation outputs (outputs/")
+    assert "is in neither the DVC cache nor a remote" in line and "`git checkout HEAD~1 && dvc repro`" in line
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["diff", str(tmp_path / "empty"), "HEAD", "--repo", str(history["repo"])]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"grace diff: {tmp_path / 'empty'} has no curation outputs (no sample_scores.parquet, "
+                    "ranking.parquet or subsets/<name>/ids.txt): give the outputs/ of a run, or a folder of its files")
+
+
 def test_diff_of_two_plain_directories(tmp_path, capsys):
     """An outputs/ tree (params.yaml beside it) against a flat folder of copied files."""
     a = build_outputs(tmp_path / "proj/outputs", n=30, lambda_=0.5, fractions=(0.1, 0.2))
