@@ -31,22 +31,28 @@ import torch
 from pathlib import Path
 
 from tasks.core.artifacts import pack_batches
+from tasks.core.progress import show_progress
+from tasks.core.stage import module_logger
 from tasks.curate.vlm import is_vlm_dir
 from tasks.finetune.train import Example, collate, decoder_layers, trunk_end
 
+log = module_logger(__name__)
+
 
 @torch.inference_mode()
-def trunk_states(model, examples, end: int, batch_tokens: int) -> list[torch.Tensor]:
+def trunk_states(model, examples, end: int, batch_tokens: int, desc: str = "trunk") -> list[torch.Tensor]:
     """Per example: the (T, d) output of embeddings + layers[:end], the input of the top layers."""
     device = str(next(model.parameters()).device)
     states: list[torch.Tensor | None] = [None] * len(examples)
-    with decoder_layers(model, 0, end, final_norm=False):
+    # the whole pool through the trunk: tens of minutes on a CPU, so it reports progress (tasks/core/progress.py)
+    with decoder_layers(model, 0, end, final_norm=False), show_progress(desc, len(examples), "example", log) as progress:
         for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
             batch = collate([examples[i] for i in indices], 0, device)
             hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False).last_hidden_state  # (B, T, d)
             for row, index in enumerate(indices):  # right padding: a row's real tokens never saw its pads
                 states[index] = hidden[row, : len(examples[index].input_ids)].float().cpu().clone()
+            progress.update(len(indices))
     return states
 
 
@@ -85,8 +91,8 @@ def prepare(model, pool: dict[str, Example], test: list[Example], params, pad_id
     end = trunk_end(model, params)
     if end is None:
         return None
-    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens)
-    test_states = trunk_states(model, test, end, params.batch_tokens)
+    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens, "trunk (pool)")
+    test_states = trunk_states(model, test, end, params.batch_tokens, "trunk (test)")
     probe, probe_states = (list(pool.values()) + test)[:4], (pool_states + test_states)[:4]
     if not split_matches(model, probe, probe_states, end, pad_id):
         return None
