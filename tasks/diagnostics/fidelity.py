@@ -32,7 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.core.artifacts import read_extract
-from tasks.core.stage import ParamsError, Stage, atomic_write_text, params_section, write_json, write_parquet
+from tasks.core.progress import show_progress
+from tasks.core.stage import (ParamsError, Stage, atomic_write_text, module_logger, params_section, write_json,
+                              write_parquet)
 from tasks.curate import aggregate as aggregate_stage
 from tasks.curate import extract as extract_stage
 from tasks.curate import score as score_stage
@@ -46,6 +48,7 @@ from tasks.diagnostics.scorers import sample_scores, step_table, with_gram
 SIGNALS = ("alpha", "consistency", "step_score")
 CANDIDATES = {"proxy": "proxy_gram", "head": "head_gram", "projected": "projected_gram"}  # scorer -> extract column
 TIMINGS = ("seconds", "ms_per_token")  # per target: run counters, in stats.json, not in the metrics file
+log = module_logger(__name__)
 
 
 @params_section("fidelity")
@@ -102,11 +105,14 @@ def run_target(model: Path, spec: ExactSpec, device: str, sampled: pa.Table, seg
     encoded = encode_like_extract(sampled, segments, exact.tokenizer, extract,
                                   exact.model.config.max_position_embeddings)
     started, grams, loss_gap = time.perf_counter(), [], 0.0
-    for trace, extract_losses in zip(encoded, sampled["span_loss_sums"].to_pylist()):
-        numbers = exact.grams(trace)
-        grams.append(numbers.gram)
-        loss_gap = max(loss_gap, float(np.max(np.abs(numbers.span_loss_sums - extract_losses)
-                                              / np.maximum(np.abs(extract_losses), 1e-6))))
+    # one backward per span and trace: minutes per target on a CPU (tasks/core/progress.py)
+    with show_progress(f"fidelity {spec.target}", len(encoded), "trace", log) as progress:
+        for trace, extract_losses in zip(encoded, sampled["span_loss_sums"].to_pylist()):
+            numbers = exact.grams(trace)
+            grams.append(numbers.gram)
+            loss_gap = max(loss_gap, float(np.max(np.abs(numbers.span_loss_sums - extract_losses)
+                                                  / np.maximum(np.abs(extract_losses), 1e-6))))
+            progress.update(1)
     seconds = time.perf_counter() - started
     tokens = sum(len(t.input_ids) for t in encoded)
     return grams, {"n_parameters": exact.n_parameters, "seconds": round(seconds, 2),

@@ -30,6 +30,8 @@ import torch
 from math_verify import parse, verify
 
 from tasks.core.artifacts import pack_batches
+from tasks.core.progress import show_progress
+from tasks.core.stage import module_logger
 from tasks.curate.answers import extract_final_answer, normalise_answer
 from tasks.curate.images import image_paths, text_of
 from tasks.curate.vlm import load_images
@@ -45,6 +47,7 @@ _ANSWER_LINE = re.compile(r"^(?:the )?(?:final )?answer\b|^####", re.IGNORECASE)
 _OPTION_LINE = re.compile(r"^\(?([A-J])[).]\s*(.+?)\s*$", re.MULTILINE)
 # math-verify warns on every call made without its timeouts; they are off outside the main thread only
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+log = module_logger(__name__)
 
 
 def numeric_value(answer: str) -> Decimal | None:
@@ -160,6 +163,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     lengths = [len(text_tokenizer(tokenizer)(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     outputs: dict[int, str] = {}
+    progress = show_progress("generate", len(prompts), "problem", log, leave=False)  # a batch can take minutes
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         if images is not None and any(images[i] for i in chunk):  # image placeholders expanded, pixels made
@@ -174,6 +178,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]  # (B, T_new)
         for index, text in zip(chunk, text_tokenizer(tokenizer).batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[index] = text
+        progress.update(len(chunk))
+    progress.close()
     return [outputs[i] for i in range(len(prompts))]
 
 

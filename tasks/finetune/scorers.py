@@ -25,9 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.core.stage import Stage, write_json, write_parquet
+from tasks.core.progress import show_progress
+from tasks.core.stage import Stage, module_logger, write_json, write_parquet
 from tasks.curate import extract as extract_stage
 from tasks.finetune.subsets import Params
+
+log = module_logger(__name__)
 
 
 def pooled_segments(segments: Path, n: int, seed: int, out: Path) -> Path:
@@ -43,16 +46,21 @@ def build_scorers(segments: Path, model: Path, warmup: Path, out_dir: Path, para
                   extract: extract_stage.Params) -> dict:
     """Run extract once per finetune_eval.scorers entry; scorers/<name>/extract, index.json."""
     summary = {}
-    for name, spec in sorted(params.scorers.items()):
-        work = Path(out_dir) / name
-        source = segments
-        if spec.get("pool") is not None:
-            source = pooled_segments(segments, spec["pool"], params.seed, work / "segments.parquet")
-        model_dir = Path(model) if spec.get("model", "base") == "base" else Path(warmup) / "model"
-        settings = dataclasses.replace(extract, projected=bool(spec.get("projected", False)), workers=0)
-        stats = extract_stage.extract(source, model_dir, work / "extract", settings)
-        summary[name] = {**spec, "kept": stats["kept"], "read": stats["read"],
-                         "model_seconds": stats.get("model_seconds")}
+    # each extract logs its own traces' progress; this counts the scorers, and says which one runs
+    with show_progress("scorers", len(params.scorers), "scorer", log) as progress:
+        for name, spec in sorted(params.scorers.items()):
+            work = Path(out_dir) / name
+            source = segments
+            if spec.get("pool") is not None:
+                source = pooled_segments(segments, spec["pool"], params.seed, work / "segments.parquet")
+            model_dir = Path(model) if spec.get("model", "base") == "base" else Path(warmup) / "model"
+            settings = dataclasses.replace(extract, projected=bool(spec.get("projected", False)), workers=0)
+            log.info("scorers: %s (model %s, projected %s, pool %s)", name, spec.get("model", "base"),
+                     settings.projected, spec.get("pool"))
+            stats = extract_stage.extract(source, model_dir, work / "extract", settings)
+            summary[name] = {**spec, "kept": stats["kept"], "read": stats["read"],
+                             "model_seconds": stats.get("model_seconds")}
+            progress.update(1)
     write_json(Path(out_dir) / "index.json", summary)
     return summary
 

@@ -31,26 +31,34 @@ import torch
 from pathlib import Path
 
 from tasks.core.artifacts import pack_batches
+from tasks.core.progress import show_progress
+from tasks.core.stage import module_logger
 from tasks.curate.vlm import is_vlm_dir
 from tasks.finetune.train import (Example, autocast, collate, decoder_layers, evaluation_precision, resolve_precision,
                                   trunk_end)
 
+log = module_logger(__name__)
+
 
 @torch.inference_mode()
-def trunk_states(model, examples, end: int, batch_tokens: int, precision: str | None = None) -> list[torch.Tensor]:
+def trunk_states(model, examples, end: int, batch_tokens: int, precision: str | None = None,
+                 desc: str = "trunk") -> list[torch.Tensor]:
     """Per example: the (T, d) output of embeddings + layers[:end], the input of the top layers.
 
     Under the training's own precision: with bf16 autocast the trunk the steps would have run is a bf16 one,
     and fp32 states would train a (slightly) different model than the plain forward does."""
     device = str(next(model.parameters()).device)
     states: list[torch.Tensor | None] = [None] * len(examples)
-    with decoder_layers(model, 0, end, final_norm=False), autocast(device, precision):
+    # the whole pool through the trunk: tens of minutes on a CPU, so it reports progress (tasks/core/progress.py)
+    with decoder_layers(model, 0, end, final_norm=False), autocast(device, precision), \
+            show_progress(desc, len(examples), "example", log) as progress:
         for indices in pack_batches([len(example.input_ids) for example in examples], batch_tokens):
             batch = collate([examples[i] for i in indices], 0, device)
             hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          use_cache=False).last_hidden_state  # (B, T, d)
             for row, index in enumerate(indices):  # right padding: a row's real tokens never saw its pads
                 states[index] = hidden[row, : len(examples[index].input_ids)].float().cpu().clone()
+            progress.update(len(indices))
     return states
 
 
@@ -98,8 +106,8 @@ def prepare(model, pool: dict[str, Example], test: list[Example], params, pad_id
     device = str(next(model.parameters()).device)
     precision = getattr(params, "precision", None)
     evaluation = evaluation_precision(precision, device)  # the test states feed evaluation, not training
-    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens, precision)
-    test_states = trunk_states(model, test, end, params.batch_tokens, evaluation)
+    pool_states = trunk_states(model, list(pool.values()), end, params.batch_tokens, precision, "trunk (pool)")
+    test_states = trunk_states(model, test, end, params.batch_tokens, evaluation, "trunk (test)")
     for examples, states, used in ((list(pool.values()), pool_states, precision), (test, test_states, evaluation)):
         if examples and not split_matches(model, examples[:4], states[:4], end, pad_id, used):
             return None

