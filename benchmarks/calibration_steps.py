@@ -56,6 +56,14 @@ def convert_gguf(gguf: Path, model_dir: Path) -> dict:
     return model_stage.resolve_model(model_dir, model_stage.Params(gguf_file=gguf.name))
 
 
+def seed_of(run: dict) -> int:
+    """A run's training seed: a deterministic row's repeat has train_seed only, a seeded row its draw's seed."""
+    for key in ("train_seed", "seed"):
+        if run.get(key) is not None:
+            return run[key]
+    return -1
+
+
 def is_calibration(run: dict) -> bool:
     return run["method"] in CALIBRATION_ROWS or run["method"].startswith("dose")
 
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if (is_calibration(run) if args.rows is None else run["method"] in args.rows)
             and (args.fractions is None or run["fraction"] in args.fractions)]
     if args.rows is not None:  # seed by seed, so a run cut short by the budget keeps whole seeds of every row
-        runs.sort(key=lambda run: (run["seed"] if run["seed"] is not None else -1, args.rows.index(run["method"])))
+        runs.sort(key=lambda run: (seed_of(run), args.rows.index(run["method"])))
     columns = ["id", "content_hash", "prompt_messages", "response"]
     pool = {row["id"]: row for row in pq.read_table(args.segments, columns=columns).to_pylist()}
     problems = evaluation_problems(args.test)
