@@ -279,8 +279,35 @@ class PendingBatch:
                 for row, k in enumerate(self.n_spans)]
 
 
+# SDPA registered under a name transformers' mask builders do not know: for such an attention implementation
+# masking_utils builds no mask at all (its "custom attention without mask creation" exit), so the kernel runs
+# plain causal, as it already did for extract's mask-free batches, but without the two host reads on the way:
+# find_packed_sequence_indices' `(mask[:, -1] == 0).all()` on the position ids, and fast_all on a padding mask.
+CAUSAL_SDPA = "grace_causal_sdpa"
+
+
+def use_mask_free_causal_attention(model) -> bool:
+    """Switch a model whose every layer is plain causal full attention from sdpa to CAUSAL_SDPA; False (model
+    untouched) where a mask carries more than causality: sliding windows, mixed layer types, bidirectional
+    attention, another attention kernel."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if model.config._attn_implementation != "sdpa" or sliding or set(layer_types) != {"full_attention"} \
+            or not getattr(config, "is_causal", True):
+        return False
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(CAUSAL_SDPA)
+    return model.config._attn_implementation == CAUSAL_SDPA
+
+
 class ProxyModel:
     """A causal LM loaded for extraction: final hidden states from the decoder, logits from its head."""
+
+    mask_free = True  # batches need no attention mask (right padding, causal attention): see launch
 
     def __init__(self, model_dir: Path, device: str) -> None:
         self.device = device
@@ -290,6 +317,7 @@ class ProxyModel:
             raise ValueError(f"{model_dir}: extract needs a fast tokenizer (character offsets for span mapping)")
         self.model = self.model.to(device).eval()
         self.model.requires_grad_(False)
+        self.causal_sdpa = self.mask_free and use_mask_free_causal_attention(self.model)
         self.decoder, self.head = self.model.base_model, self.model.get_output_embeddings()
         self.head_weight = self.head.weight.detach().float()  # (V, d) fp32 for the proxy products
         text_config = self.model.config.get_text_config()  # the model's own config, or a VLM's language model's
@@ -349,7 +377,9 @@ class ProxyModel:
             with self._autocast():
                 # No attention_mask (collate): with one, transformers reads it back to decide whether
                 # SDPA may run plain causal (masking_utils.fast_all), a host sync per batch on CUDA; without,
-                # the same causal kernel runs and real positions get the same numbers (tested).
+                # the same causal kernel runs and real positions get the same numbers (tested). And under
+                # CAUSAL_SDPA no mask is built at all: not even the packed-sequence check on position ids,
+                # another host read per batch (found by benchmarks/gpu_check.py on an H200).
                 hidden = self.decoder(input_ids=batch["input_ids"], use_cache=False,
                                       **extra).last_hidden_state  # (B, T, d)
             # the question's mean state, for clustering problems: a by-product of this same forward; fp32,

@@ -139,6 +139,8 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids
 class VLMProxyModel(ProxyModel):
     """ProxyModel on a vision-language model: the language model's final hidden state and its LM head."""
 
+    mask_free = False  # image tokens may attend both ways (Gemma 3's token types): transformers builds the mask
+
     def _load(self, model_dir: Path):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

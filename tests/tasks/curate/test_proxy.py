@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from tasks.curate.proxy import ProxyModel, chunked_span_sums, loss_layout, span_summaries
+from tasks.curate.proxy import (CAUSAL_SDPA, ProxyModel, chunked_span_sums, loss_layout, span_summaries,
+                                use_mask_free_causal_attention)
 from tasks.curate.spans import EncodedTrace, encode_traces
 
 TEXT = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether."
@@ -281,6 +282,48 @@ def test_launch_queues_a_batch_without_host_sync(tiny_model_dir):
         torch.cuda.set_sync_debug_mode("default")
     for ours, theirs in zip(pending.collect(), expected):
         np.testing.assert_array_equal(ours.proxy_gram, theirs.proxy_gram)
+
+
+def test_launch_builds_no_attention_mask_and_changes_no_number(tiny_model_dir, monkeypatch):
+    """The CUDA test's host reads, seen on a CPU: under CAUSAL_SDPA transformers builds no mask, so neither the
+    packed-sequence check on position ids nor fast_all runs, and every number equals plain sdpa's."""
+    from transformers import masking_utils
+
+    proxy_model, plain = ProxyModel(tiny_model_dir, "cpu"), ProxyModel(tiny_model_dir, "cpu")
+    assert proxy_model.model.config._attn_implementation == CAUSAL_SDPA
+    plain.model.set_attn_implementation("sdpa")
+    prompts = [json.dumps([{"role": "user", "content": q}]) for q in ("How many clips?", "How much in 50 minutes?")]
+    responses = ["She sold 24 clips.\nSo 72.\n#### 72", "12/60 = 0.2 per minute.\n0.2 x 50 = 10 dollars.\n#### 10"]
+    encoded = encode_traces(proxy_model.tokenizer, list(zip(prompts, responses, map(line_spans, responses))),
+                            chat_template=True, max_length=512)
+    expected = plain.launch(encoded, head_variant=True).collect()
+    reads = []
+    for name in ("find_packed_sequence_indices", "_ignore_causal_mask_sdpa"):
+        original = getattr(masking_utils, name)
+        monkeypatch.setattr(masking_utils, name, lambda *a, _f=original, _n=name, **k: reads.append(_n) or _f(*a, **k))
+    plain.launch(encoded, head_variant=True).collect()
+    assert "find_packed_sequence_indices" in reads  # the check really runs under plain sdpa
+    reads.clear()
+    for ours, theirs in zip(proxy_model.launch(encoded, head_variant=True).collect(), expected):
+        np.testing.assert_array_equal(ours.proxy_gram, theirs.proxy_gram)
+        np.testing.assert_array_equal(ours.head_gram, theirs.head_gram)
+        np.testing.assert_array_equal(ours.span_loss_sums, theirs.span_loss_sums)
+    assert reads == []
+
+
+def test_a_mask_that_carries_more_than_causality_keeps_transformers_masks():
+    """Sliding windows (Qwen2 with use_sliding_window) and eager attention are left as they are."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, vocab_size=64)
+    sliding = Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                                           attn_implementation="sdpa"))
+    assert not use_mask_free_causal_attention(sliding) and sliding.config._attn_implementation == "sdpa"
+    eager = Qwen2ForCausalLM(Qwen2Config(**small, attn_implementation="eager"))
+    assert not use_mask_free_causal_attention(eager) and eager.config._attn_implementation == "eager"
+    full = Qwen2ForCausalLM(Qwen2Config(**small, attn_implementation="sdpa"))
+    assert use_mask_free_causal_attention(full) and full.config._attn_implementation == CAUSAL_SDPA
 
 
 def test_launch_under_bf16_autocast_returns_float_arrays_near_fp32(tiny_model_dir, monkeypatch):
