@@ -78,7 +78,9 @@ from tasks.finetune.train import Example, train  # noqa: E402
 HOST_PACKAGES = ("torch", "transformers", "peft", "pyarrow", "numpy", "sklearn", "scipy", "threadpoolctl",
                  "pytest", "yaml", "safetensors", "tokenizers", "tqdm")
 WHEELS = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions")
-UNUSED_LAZY = ("PIL",)  # imported inside the image functions only (tasks/curate/images.py, vlm.py): never run here
+# Imported inside functions this script never calls: the image functions (tasks/curate/images.py, vlm.py), and
+# the fan-out over worker processes (tasks/curate/fanout.py): batches here go through extract's _compute directly.
+UNUSED_LAZY = ("PIL", "distributed", "psutil")
 
 # Public configurations (the models' config.json), randomly initialised: the speed depends on the shape only.
 SHAPES = {

@@ -2,18 +2,15 @@
 
     python -m flows.curate --params params.yaml [--input data/gsm_noisy/pool.jsonl] [--outputs outputs]
 
-DVC owns caching and invalidation of artifacts (`dvc repro`); this flow owns runs, retries, the Dask
-fan-out of extraction and observability (a Markdown run summary). Both call the same tasks.curate.<stage>
+DVC owns caching and invalidation of artifacts (`dvc repro`); this flow owns runs, retries and
+observability (a Markdown run summary). Both call the same tasks.curate.<stage>
 core functions with the same paths (STAGE_PATHS = dvc.yaml's command lines), so for the same
 params a flow run writes the same artifact files as `dvc repro`. No server is needed: without
 PREFECT_API_URL, Prefect starts a temporary local API for the run.
 
-Extraction runs in process, or, with extract.workers > 0 or extract.scheduler_address set, as one
-mapped task per shard in a subflow on a Dask cluster (prefect-dask), started for extraction only:
-an existing scheduler, or a local cluster of extract.workers single-threaded workers. On a host
-with several GPUs (extract.device auto or cuda), each local worker gets one GPU of its own through
-CUDA_VISIBLE_DEVICES (round-robin when there are more workers than GPUs); extract.workers: gpus
-asks for one worker per GPU.
+Extraction fans its shards out over worker processes inside the extract task, exactly as under
+`dvc repro` (tasks/curate/fanout.py: extract.workers, default every core or GPU; extract.scheduler_address
+for an existing Dask cluster): one implementation, so the flow and the CLI cannot differ.
 
 The stages' own log lines (`tasks.*` loggers: each stage's counts, extract's, unconditional's and
 fine-tuning's progress) go to the run log beside Prefect's; `python -m flows.curate` asks for
@@ -32,11 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import State, flow, task, unmapped
+from prefect import State, flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-from prefect.task_runners import TaskRunner
 
 import tasks.curate.aggregate
 import tasks.curate.cluster
@@ -50,8 +46,7 @@ import tasks.curate.segment
 import tasks.curate.select
 import tasks.curate.unconditional
 import tasks.curate.validate
-from tasks.core.stage import ParamsError, StageInputError, output_lock
-from tasks.curate.extract import ShardRun, ShardSpec
+from tasks.core.stage import ParamsError, StageInputError
 
 SUMMARY_ARTIFACT_KEY = "grace-curate-summary"
 # Prefect gives its temporary local API 20 s to start; the first run on a new PREFECT_HOME on two
@@ -150,31 +145,8 @@ def model_task(out_dir: Path, params_path: Path) -> dict:
 
 @task(name="extract", **STAGE_TASK)
 def extract_task(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
-    """Extract per-span losses and Gram matrices of every trace, in process."""
+    """Extract per-span losses and Gram matrices of every trace, its shards over the extract.workers processes."""
     return tasks.curate.extract.STAGE.run(params_path, segments=segments, model=model, out_dir=out_dir)
-
-
-@task(name="extract-plan", **STAGE_TASK)
-def plan_shards_task(segments: Path, model: Path, params_path: Path) -> list[ShardSpec]:
-    """Cut the segments into shards and key every trace."""
-    return tasks.curate.extract.plan_shards(segments, tasks.curate.extract.STAGE.read_params(params_path), model)
-
-
-# A lost Dask worker (pre-empted node, OOM-killed process) fails a shard with nothing wrong in it;
-# a shard rewrites its files atomically, so running it again is safe.
-@task(name="extract-shard", retries=1, retry_delay_seconds=5, **STAGE_TASK)
-def extract_shard_task(spec: ShardSpec, segments: Path, model: Path, out_dir: Path, params_path: Path) -> ShardRun:
-    """Extract one shard (skipped if its completion marker matches)."""
-    forward_stage_logs()
-    return tasks.curate.extract.extract_shard(spec, segments, model, out_dir,
-                                              tasks.curate.extract.STAGE.read_params(params_path))
-
-
-@task(name="extract-finalize", **STAGE_TASK)
-def finalize_task(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
-    """Check every shard, merge the quarantines and write the extract stats."""
-    forward_stage_logs()
-    return tasks.curate.extract.finalize(out_dir, specs, runs)
 
 
 @task(name="score", **STAGE_TASK)
@@ -227,67 +199,6 @@ def export_task(subsets: Path, segments: Path, out_dir: Path, outputs: Path, par
 def report_task(outputs: Path, out_dir: Path, params_path: Path) -> dict:
     """Render the run into report.html and DVC plot data."""
     return tasks.curate.report.STAGE.run(params_path, outputs=outputs, out_dir=out_dir)
-
-
-@flow(name="extract-sharded")
-def extract_sharded(segments: Path, model: Path, out_dir: Path, params_path: Path) -> dict:
-    """Extract shard by shard, one mapped task per shard on the flow's task runner."""
-    with output_lock(out_dir):  # held here, in the flow's process: the workers write only their own shards
-        specs = plan_shards_task(segments, model, params_path)
-        runs = extract_shard_task.map(specs, unmapped(segments), unmapped(model), unmapped(out_dir),
-                                      unmapped(params_path)).result()
-        return finalize_task(out_dir, specs, runs)
-
-
-def visible_gpus(device: str) -> list[str]:
-    """The GPUs extract may spread over, as CUDA_VISIBLE_DEVICES names them; none unless device is auto or cuda."""
-    import torch
-
-    if device not in ("auto", "cuda") or not torch.cuda.is_available():
-        return []  # cpu, or a device the user pinned (cuda:N): every worker uses that one
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    count = torch.cuda.device_count()
-    return [name.strip() for name in listed.split(",")][:count] if listed else [str(i) for i in range(count)]
-
-
-# The scheduler and its dashboard listen on this machine only: Dask's own default dashboard address (":8787")
-# binds every interface, so anyone on the network could browse the run (issue 22). A remote cluster is
-# extract.scheduler_address, started by its owner with the exposure they choose.
-LOOPBACK = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787"}
-
-
-def gpu_cluster_kwargs(n_workers: int, gpus: list[str]) -> dict:
-    """distributed.SpecCluster arguments: a local scheduler and single-threaded workers, worker i on gpus[i % len]."""
-    workers = {f"gpu-worker-{i}": {"cls": "distributed.Nanny", "options": {
-        "nthreads": 1, "host": "127.0.0.1", "env": {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}}}
-        for i in range(n_workers)}  # the Nanny sets env before the worker process starts, so before CUDA does
-    return {"scheduler": {"cls": "distributed.Scheduler", "options": dict(LOOPBACK)},
-            "workers": workers}
-
-
-def dask_task_runner(params: tasks.curate.extract.Params, gpus: list[str] | None = None) -> TaskRunner | None:
-    """The Dask runner extract.workers / extract.scheduler_address ask for; None = extract in process.
-
-    `gpus` (default: visible_gpus(params.device)) are the GPUs the local workers are spread over.
-    """
-    if params.scheduler_address:
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=params.scheduler_address)
-    if params.workers == 0:
-        return None
-    from prefect_dask import DaskTaskRunner
-
-    gpus = visible_gpus(params.device) if gpus is None else gpus
-    n_workers = len(gpus) if params.workers == "gpus" else params.workers
-    if n_workers == 0:
-        raise ParamsError(f"extract.workers: gpus, but no GPU is visible to extract.device {params.device!r}; "
-                          "set a number of workers")
-    if len(gpus) > 1:
-        return DaskTaskRunner(cluster_class="distributed.SpecCluster",
-                              cluster_kwargs=gpu_cluster_kwargs(n_workers, gpus))
-    # One thread per worker: torch already spreads one forward pass over the worker's cores.
-    return DaskTaskRunner(cluster_kwargs={"n_workers": n_workers, "threads_per_worker": 1, **LOOPBACK})
 
 
 def ignore_outputs(outputs_dir: Path) -> None:
@@ -418,14 +329,7 @@ def run_stages(paths: dict[str, dict[str, Path]], params_file: Path, stages: dic
     stages["ingest"] = timed("ingest", ingest_task, **paths["ingest"], params_path=params_file)
     stages["segment"] = timed("segment", segment_task, **paths["segment"], params_path=params_file)
     stages["model"] = timed("model", model_task, **paths["model"], params_path=params_file)
-    runner = dask_task_runner(tasks.curate.extract.STAGE.read_params(params_file))
-    if runner is None:
-        stages["extract"] = timed("extract", extract_task, **paths["extract"], params_path=params_file)
-    else:
-        # Absolute paths: a remote scheduler's workers do not share this process's working directory.
-        shard_paths = {name: path.resolve() for name, path in paths["extract"].items()}
-        stages["extract"] = timed("extract", extract_sharded.with_options(task_runner=runner), **shard_paths,
-                                  params_path=params_file.resolve())
+    stages["extract"] = timed("extract", extract_task, **paths["extract"], params_path=params_file)
     stages["score"] = timed("score", score_task, **paths["score"], params_path=params_file)
     stages["cluster"] = timed("cluster", cluster_task, **paths["cluster"], params_path=params_file)
     aggregate_paths = paths["aggregate"]

@@ -3,8 +3,8 @@
     python -m tasks.curate.extract --segments outputs/segment/segments.parquet --model outputs/model --out-dir outputs/extract
 
 Traces, in segments order, are cut into shards of `shard_size`; each shard is one unit of work
-(plan_shards -> extract_shard per shard, in process or mapped over Dask by the Prefect flow ->
-finalize). A finished shard is shards/part-NNNNN.parquet (EXTRACT_SCHEMA, segments order), its
+(plan_shards -> extract_shard per shard, in process or on worker processes (tasks/curate/fanout.py:
+every core by default) -> finalize). A finished shard is shards/part-NNNNN.parquet (EXTRACT_SCHEMA, segments order), its
 part-NNNNN.quarantine.jsonl and, written last, a part-NNNNN.done marker holding the shard's
 fingerprint (trace ids, trace keys) and the sha256 of both files. A rerun skips shards whose marker
 matches, so a run killed at any moment finishes only what is missing, with the same bytes.
@@ -50,6 +50,7 @@ from tasks.core.progress import Progress, show_progress
 from tasks.core.schema import EXTRACT_SCHEMA, QuarantineRecord
 from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_write_text, module_logger,
                               output_lock, params_section, remove_stale_staging, write_json, write_parquet)
+from tasks.curate.fanout import map_units, worker_pool
 from tasks.curate.projected import ProjectedModel, ProjectedSpec
 from tasks.curate.proxy import ProxyModel, model_identity, precision, resolve_device
 from tasks.curate.spans import EncodedTrace, SpanError, trace_spans
@@ -82,8 +83,8 @@ class Params:
     head_variant: bool = False  # also the exact LM-head Gram (METHOD.md 3, "head"): (n, n) and (n, V) per trace
     chat_template: bool = True  # wrap prompt and response in the tokenizer's chat template when it has one
     cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
-    workers: int | str = 0  # 0 = in process; N = Dask LocalCluster of N workers; gpus = one per GPU (Prefect flow only)
-    scheduler_address: str | None = None  # an existing Dask scheduler (Prefect flow only)
+    workers: int | str = "auto"  # auto = every core (GPU) memory allows; 0/1 = in process; N; gpus (tasks/curate/fanout.py)
+    scheduler_address: str | None = None  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786: units go there
     projected: bool = False  # also the projected exact-gradient Gram (tasks/curate/projected.py): ~6x the time on CPU
     projection_dim: int | None = 32  # k per factor, k^2 numbers per layer: more = nearer exact, more memory; null = exact
     projection: str = "gaussian"  # gaussian | rademacher
@@ -98,8 +99,8 @@ class Params:
                 raise ParamsError(f"extract.{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
             raise ParamsError(f"extract.max_length must be null or at least 2, got {self.max_length}")
-        if self.workers != "gpus" and (not isinstance(self.workers, int) or self.workers < 0):
-            raise ParamsError(f"extract.workers must be 0, a positive integer or gpus, got {self.workers!r}")
+        if self.workers not in ("auto", "gpus") and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ParamsError(f"extract.workers must be auto, gpus, 0 or a positive integer, got {self.workers!r}")
         try:
             projected_spec(replace(self, projected=True)).check()  # checked even while off: a typo shows now
         except ValueError as error:
@@ -470,7 +471,7 @@ def extract_shard(spec: ShardSpec, segments: Path | pa.Table, model: Path, out_d
     return _finish(_prepare(spec, segment_reader(segments), model, out_dir, params), out_dir, params, progress)
 
 
-def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dict:
+def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun], workers: int = 1) -> dict:
     """Check every shard is done, drop stale files, merge quarantines, write stats.json (read = kept + quarantined)."""
     out_dir = Path(out_dir)
     shards = out_dir / "shards"
@@ -501,7 +502,7 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun]) -> dic
     ledger.extra.update(
         totals, shards=len(specs), shards_skipped=sum(r.skipped for r in runs),
         traces_computed=sum(r.computed for r in runs), traces_cached=sum(r.cached for r in runs),
-        forward_batches=sum(r.batches for r in runs), device=specs[0].device if specs else None,
+        forward_batches=sum(r.batches for r in runs), device=specs[0].device if specs else None, workers=workers,
         padding_waste=round(1 - real / padded, 4) if padded else None,
         tokens_per_s=round(real / seconds, 1) if real and seconds else None, model_seconds=round(seconds, 3),
         prepare_seconds=round(prepare_seconds, 3))
@@ -521,8 +522,26 @@ def _extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict
     specs = plan_shards(segments, params, model)
     if not specs:
         raise StageInputError(f"extract: {segments} holds no traces")
-    with ThreadPoolExecutor(max_workers=1) as prefetch, \
-            show_progress("extract", specs[-1].stop, "trace", log) as progress:
+    with show_progress("extract", specs[-1].stop, "trace", log) as progress, worker_pool(
+            "extract", params.workers, params.scheduler_address, params.device, len(specs), specs[-1].stop,
+            model) as client:
+        if client is None:
+            runs = _extract_in_process(specs, segments, model, out_dir, params, progress)
+        else:  # the same extract_shard per shard, on the workers; paths they can open wherever they run
+            runs = map_units(client, extract_shard, specs, progress, absolute(segments), Path(model).resolve(),
+                             Path(out_dir).resolve(), replace(params, cache_dir=params.cache_dir and str(
+                                 Path(params.cache_dir).resolve())))
+        workers = len(client.nthreads()) if client is not None else 1
+    return finalize(out_dir, specs, runs, workers)
+
+
+def absolute(segments: Path | pa.Table) -> Path | pa.Table:
+    return segments if isinstance(segments, pa.Table) else Path(segments).resolve()
+
+
+def _extract_in_process(specs: list[ShardSpec], segments: Path | pa.Table, model: Path, out_dir: Path,
+                        params: Params, progress: Progress) -> list[ShardRun]:
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
         # the next shard (only: memory stays bounded) is read and tokenized while the model works on this one
         prepare = functools.partial(_prepare, reader=segment_reader(segments), model=model, out_dir=out_dir,
                                     params=params)
@@ -531,7 +550,7 @@ def _extract(segments: Path, model: Path, out_dir: Path, params: Params) -> dict
             prepared = upcoming.result()
             upcoming = prefetch.submit(prepare, following) if following else None
             runs.append(_finish(prepared, out_dir, params, progress))
-    return finalize(out_dir, specs, runs)
+    return runs
 
 
 STAGE = Stage(extract, Params, paths=[
@@ -546,4 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable tasks.curate.extract, not this __main__ copy: what goes to Dask workers (the shard
+    # function, its params and specs) is pickled by module name, and a remote worker has no __main__ of ours.
+    import importlib
+
+    importlib.import_module("tasks.curate.extract").main()

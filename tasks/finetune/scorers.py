@@ -54,7 +54,7 @@ def build_scorers(segments: Path, model: Path, warmup: Path, out_dir: Path, para
             if spec.get("pool") is not None:
                 source = pooled_segments(segments, spec["pool"], params.seed, work / "segments.parquet")
             model_dir = Path(model) if spec.get("model", "base") == "base" else Path(warmup) / "model"
-            settings = dataclasses.replace(extract, projected=bool(spec.get("projected", False)), workers=0)
+            settings = dataclasses.replace(extract, projected=bool(spec.get("projected", False)))
             log.info("scorers: %s (model %s, projected %s, pool %s)", name, spec.get("model", "base"),
                      settings.projected, spec.get("pool"))
             stats = extract_stage.extract(source, model_dir, work / "extract", settings)

@@ -23,7 +23,7 @@ from tests.params_yaml import committed_document
 
 REPO = Path(__file__).resolve().parents[2]
 # Run counters: wall times (*seconds), throughputs (*_per_s) and what the extraction cache served.
-RUN_COUNTER = re.compile(r"\w*seconds|\w*_per_s|traces_computed|traces_cached|shards_skipped")
+RUN_COUNTER = re.compile(r"\w*seconds|\w*_per_s|traces_computed|traces_cached|shards_skipped|workers")
 REPORT_COUNTER = re.compile(rb"\b(" + RUN_COUNTER.pattern.encode() + rb")=[^;<]*")  # report.html: "seconds=0.8"
 DATA_DOCS = "validate/data_docs/"
 
