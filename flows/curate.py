@@ -305,7 +305,7 @@ def curate(params_path: str | Path = "params.yaml", input_path: str | Path = "da
         try:
             return call(**kwargs)
         finally:
-            seconds[stage] = round(time.perf_counter() - started, 1)
+            seconds[stage] = round(time.perf_counter() - started, 3)  # as stats.json: a fast stage is not 0.0
 
     try:
         validation = run_stages(paths, params_file, stages, timed)

@@ -5,11 +5,12 @@ and an eight-row pool at dvc.yaml's input path. Checked: the first repro runs ev
 the Prefect flow, run as `python -m flows.curate` with no Prefect server configured, writes the
 same artifacts; then a select param re-runs select and what reads its subsets
 (validate, export, report) only, and a score param re-runs score and everything downstream of it,
-but not ingest, segment, model or extract.
+but not ingest, segment, model or extract. A data.* path that is a number or null ends in DVC's own line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -97,3 +98,37 @@ def test_dvc_repro_reruns_what_changed_and_matches_the_flow(tmp_path, tiny_model
     set_param(repo, "score", "lambda_", 0.2)
     assert repro(repo, environment) == {"score", "aggregate", "select"} | AFTER_SELECT
     assert (repo / "outputs/score/step_scores.parquet").read_bytes() != step_scores
+
+
+@pytest.mark.parametrize("key, value, stage", [
+    ("pool", 5, "ingest"),
+    ("images", None, "ingest"),
+    ("test", 5, "finetune/dvc.yaml:test_set"),
+    ("labels", None, "diagnostics/dvc.yaml:diagnostics"),
+])
+def test_a_wrong_typed_data_path_ends_in_dvcs_own_line_not_a_crash(tmp_path, environment, key, value, stage):
+    """Issue 22: data.pool: 5 or data.images: null crashed every dvc command ("unexpected error - 'int' object has
+    no attribute 'decode'"). DVC parses the dvc.yaml files before any stage of ours runs and checks no types, so
+    the line is DVC's: `dvc status` lists the value as the stage's missing dependency, and `dvc repro` stops at
+    that stage with one line naming it and the value."""
+    repo = write_workspace(tmp_path / "repo", tmp_path / "no_model")
+    for pipeline in ("dvc.yaml", "finetune/dvc.yaml", "diagnostics/dvc.yaml"):
+        (repo / pipeline).parent.mkdir(exist_ok=True)
+        shutil.copy(REPO / pipeline, repo / pipeline)
+    run(["git", "init", "-q"], repo, environment)
+    run([sys.executable, "-m", "dvc", "init", "-q"], repo, environment)
+    set_param(repo, "data", key, value)
+
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert status.returncode == 0, status.stdout + status.stderr
+    changed = {path: how for entry in json.loads(status.stdout)[stage] if "changed deps" in entry
+               for path, how in entry["changed deps"].items()}
+    assert changed[str(value)] == "deleted", changed
+
+    if stage == "ingest":  # the first stage, nothing upstream of it: its own missing input stops it
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", stage], cwd=repo, env=environment,
+                              capture_output=True, text=True, timeout=600)
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("ERROR")]
+        assert done.returncode != 0 and errors == [
+            f"ERROR: failed to reproduce 'ingest': [Errno 2] No such file or directory: '{repo / str(value)}'"], errors

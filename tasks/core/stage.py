@@ -460,7 +460,8 @@ class StageLedger:
 
     @property
     def seconds(self) -> float:
-        return round(time.perf_counter() - self.started, 1)
+        # milliseconds: a stage on a small pool (segment, select) takes tens of them, and tenths said 0.0
+        return round(time.perf_counter() - self.started, 3)
 
     def count_read(self, n: int = 1) -> None:
         self.read += n

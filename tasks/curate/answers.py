@@ -99,6 +99,22 @@ def _occurrences(text: str, pattern: str) -> Iterator[tuple[int, str]]:
         raise ValueError(f"unknown answer pattern {pattern!r}; known: {list(ANSWER_PATTERNS)}")
 
 
+def reasoning_close(text: str, tags: Sequence[str]) -> int | None:
+    """Offset just after the reasoning block's closing tag (tags = (open, close), the open tag optional, as chat
+    templates often put it in the prompt); None without a closing tag or with tags = ()."""
+    if not tags:
+        return None
+    close = text.find(tags[1], max(text.find(tags[0]), 0))
+    return None if close < 0 else close + len(tags[1])
+
+
+def final_solution(text: str, tags: Sequence[str]) -> str:
+    """The part of a response its final answer is read from: after the reasoning block (the whole text without
+    one). A value inside the block ("the answer is 5? No.") is the reasoning's, not the response's answer."""
+    end = reasoning_close(text, tags)
+    return text if end is None else text[end:]
+
+
 def extract_final_answer(text: str, patterns: Sequence[str]) -> tuple[str, str] | None:
     """(answer, source) from the LAST occurrence of the first pattern, in `patterns` order, that occurs."""
     for pattern in patterns:

@@ -3,7 +3,8 @@
 Records are mapped by params.yaml `ingest` (plain question/response fields, or chat turns in
 OpenAI `messages` {role, content} or ShareGPT/LLaVA `conversations` {from, value}), or by a named
 `preset` that fills in those fields for a common layout (PRESETS below). The final answer is taken
-from a field or extracted from the response (tasks/curate/answers.py); a response with no answer marker is
+from a field or extracted from the response (tasks/curate/answers.py), after its reasoning block where it
+has one (segment.reasoning_tags: a marker inside <think> is a thought); a response with no answer marker is
 kept with answer_source "none" and segment decides where its answer span lies. Each record becomes
 one TRACE_SCHEMA row, or one row per solution where a `generations` list holds several (ids
 <problem id>-<index>). A record that cannot become a trace is quarantined with a reason; stats.json
@@ -30,7 +31,8 @@ from tasks.core.schema import TRACE_SCHEMA, content_hash
 from tasks.core.stage import (ParamsError, Stage, StageLedger, atomic_outputs, params_section, published_dir,
                               write_parquet)
 from tasks.curate import images
-from tasks.curate.answers import ANSWER_PATTERNS, extract_final_answer, normalise_answer
+from tasks.curate import segment as segment_stage
+from tasks.curate.answers import ANSWER_PATTERNS, extract_final_answer, final_solution, normalise_answer
 from tasks.curate.readers import read_records
 
 __all__ = ["Params", "extract_final_answer", "ingest", "main"]
@@ -274,23 +276,25 @@ def _question(record: dict, params: Params) -> str:
 
 
 def to_trace(record: dict, params: Params, response: str | None = None,
-             store: images.ImageStore | None = None) -> dict[str, str]:
+             store: images.ImageStore | None = None, reasoning_tags: tuple[str, ...] = ()) -> dict[str, str]:
     """One input record -> the TRACE_SCHEMA text columns (all but source_row); raises Rejected.
 
     `response` overrides the record's response fields (one solution of a generations list); `store`
-    resolves a multimodal record's images (tasks/curate/images.py), by default against ingest.image_root."""
+    resolves a multimodal record's images (tasks/curate/images.py), by default against ingest.image_root;
+    `reasoning_tags` (segment.reasoning_tags) mark the reasoning block an answer marker is not read from."""
     if params.image_root is not None and images.has_images(record, params.messages_field):
         try:
-            return _multimodal_trace(record, params, response, store)
+            return _multimodal_trace(record, params, response, store, reasoning_tags)
         except images.ImageRejected as rejected:
             raise Rejected(rejected.reason, rejected.detail) from None
-    return _text_trace(record, params, response)
+    return _text_trace(record, params, response, reasoning_tags)
 
 
-def _multimodal_trace(record: dict, params: Params, response: str | None, store: images.ImageStore | None) -> dict:
+def _multimodal_trace(record: dict, params: Params, response: str | None, store: images.ImageStore | None,
+                      reasoning_tags: tuple[str, ...]) -> dict:
     """A record with images: its text mapped as any record's, then the images placed in its prompt turns."""
     flat, sources = images.flatten(record, params.messages_field)
-    trace = _text_trace(flat, params, response)
+    trace = _text_trace(flat, params, response, reasoning_tags)
     if images.PLACEHOLDER in trace["response"]:  # images are context: one in the scored turn has no place there
         raise images.ImageRejected("image_in_response", f"the response holds {images.PLACEHOLDER} (an image in the "
                                    "assistant turn); only prompt turns may hold images")
@@ -316,7 +320,8 @@ def _conversation(record: dict, params: Params) -> tuple[list, str] | None:
     return record[question] + turns, f"{question}+{response}"
 
 
-def _text_trace(record: dict, params: Params, response: str | None = None) -> dict[str, str]:
+def _text_trace(record: dict, params: Params, response: str | None = None,
+                reasoning_tags: tuple[str, ...] = ()) -> dict[str, str]:
     if params.messages_field is not None and record.get(params.messages_field) is not None:
         prompt, question, response = _chat(record[params.messages_field], params.messages_field)
     elif response is None and (conversation := _conversation(record, params)) is not None:
@@ -340,7 +345,9 @@ def _text_trace(record: dict, params: Params, response: str | None = None) -> di
         value = normalise_answer(str(given))
         found = (value, "field") if value else None
     else:
-        found = extract_final_answer(response, params.answer_patterns)
+        # after the reasoning block only, where segment places the answer span: a marker inside it ("the answer
+        # is 5? No.") is a thought, and a final solution without one is kept like any marker-less response
+        found = extract_final_answer(final_solution(response, reasoning_tags), params.answer_patterns)
     if found is None:  # kept: segment's answer_fallback places its answer span, or quarantines it
         found = ("", "none")
     options = record.get(params.options_field) if params.options_field is not None else None
@@ -417,9 +424,12 @@ def _mapping_hint(params: Params, fields_seen: set[str]) -> str:
 
 
 @atomic_outputs
-def ingest(input: Path, out_dir: Path, params: Params) -> dict:
-    """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json."""
+def ingest(input: Path, out_dir: Path, params: Params, segment: segment_stage.Params | None = None) -> dict:
+    """Read an input dataset into outputs traces.parquet, quarantine.jsonl and stats.json.
+
+    `segment`: its reasoning_tags say where a response's reasoning block ends (default: segment's defaults)."""
     params, out_dir = params.resolved(), Path(out_dir)
+    reasoning_tags = (segment or segment_stage.Params()).reasoning_tags
     ledger = StageLedger("ingest")
     columns: dict[str, list] = {name: [] for name in TRACE_SCHEMA.names}
     seen: dict[str, str] = {}  # "id:<id>" and "hash:<content hash>" of kept traces -> the id kept first
@@ -444,7 +454,7 @@ def ingest(input: Path, out_dir: Path, params: Params) -> dict:
                 if trace_id is not None and not isinstance(response, str):
                     raise Rejected("null_generation" if response is None else "wrong_type",
                                    f"generation {trace_id} is {type(response).__name__}, not a string")
-                trace = to_trace(record, params, response, store)
+                trace = to_trace(record, params, response, store, reasoning_tags)
             except Rejected as rejected:
                 _quarantine(ledger, rejected, row, record, params, trace_id=trace_id)
                 continue
@@ -498,7 +508,7 @@ def _keep(trace: dict, row: int, columns: dict[str, list], seen: dict[str, str],
 STAGE = Stage(ingest, Params, paths=[
     ("input", "JSONL / JSON / Parquet file or a datasets.save_to_disk directory"),
     ("out_dir", "output directory"),
-])
+], extra_sections=[("segment", segment_stage.Params)])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,7 +15,8 @@ Long chain-of-thought: a response whose reasoning block ends in the closing tag 
 (the opening tag is optional, as chat templates often put it in the prompt) is a reasoning block and
 a final solution. Steps of the block are its paragraphs or the pieces starting at `reasoning_markers`
 ("Wait,", "Alternatively,"); the tags join the first and last of them. The answer span is looked for in
-the final solution only (a retracted "the answer is 3" inside the reasoning is not the answer), and
+the final solution only (a retracted "the answer is 3" inside the reasoning is not the answer; ingest
+reads the answer's value there too, by these same tags), and
 the final solution's text before it gives further steps by `strategy`. An opening tag never closed
 (unclosed_reasoning) or a final solution with no text (empty_final_solution) is quarantined.
 
@@ -40,7 +41,7 @@ import pyarrow.parquet as pq
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA
 from tasks.core.stage import (ParamsError, Stage, StageInputError, StageLedger, atomic_outputs, params_section,
                               stage_logger, write_parquet)
-from tasks.curate.answers import last_marker_start
+from tasks.curate.answers import last_marker_start, reasoning_close
 
 STRATEGIES = ("newline", "paragraph", "step_marker", "sentence")
 FALLBACKS = ("last_sentence", "last_step", "none")
@@ -184,17 +185,13 @@ def answer_span(text: str, answer_source: str, final_answer: str = "", fallback:
 
 def reasoning_end(text: str, tags: tuple[str, ...]) -> int | None:
     """Offset just after the reasoning block's closing tag; None without one. Raises Unsegmentable."""
-    if not tags:
+    end = reasoning_close(text, tags)  # the one definition, shared with ingest's reading of the final answer
+    if end is None:
+        if tags and (opened := text.find(tags[0])) >= 0:
+            raise Unsegmentable("unclosed_reasoning", f"{tags[0]} at character {opened} is never closed by {tags[1]}")
         return None
-    opened, closing = text.find(tags[0]), tags[1]
-    close = text.find(closing, max(opened, 0))
-    if close < 0:
-        if opened >= 0:
-            raise Unsegmentable("unclosed_reasoning", f"{tags[0]} at character {opened} is never closed by {closing}")
-        return None
-    end = close + len(closing)
     if not text[end:].strip():
-        raise Unsegmentable("empty_final_solution", f"nothing after {closing}: the reasoning has no final solution")
+        raise Unsegmentable("empty_final_solution", f"nothing after {tags[1]}: the reasoning has no final solution")
     return end
 
 

@@ -346,3 +346,16 @@ def test_a_ledger_counts_seconds_from_the_start_of_stage_run(tmp_path):
     params.write_text("select: {}\n")
     stats = tasks.core.stage.Stage(core, select.Params, paths=[("out_dir", "o")]).run(params, out_dir=tmp_path)
     assert stats["seconds"] >= 0.2
+
+
+def test_a_stage_faster_than_a_tenth_of_a_second_reports_its_time_not_zero(tmp_path):
+    """segment and select on a small pool take tens of milliseconds: stats.json said 0.0 seconds (issue 22)."""
+    def core(out_dir, params):
+        time.sleep(0.02)
+        ledger = StageLedger("fast")
+        return ledger.write_stats(out_dir / "stats.json")
+
+    params = tmp_path / "params.yaml"
+    params.write_text("select: {}\n")
+    stats = tasks.core.stage.Stage(core, select.Params, paths=[("out_dir", "o")]).run(params, out_dir=tmp_path)
+    assert 0.02 <= stats["seconds"] < 1

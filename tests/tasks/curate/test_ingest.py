@@ -297,6 +297,28 @@ def test_cli_runs_the_stage(tmp_path, gsm_rows, capsys):
     assert line.startswith("python -m tasks.curate.ingest: error: ingest.format") and "pool.txt" in line
 
 
+def test_the_final_answer_is_never_read_from_inside_the_reasoning_block(tmp_path):
+    """Issue 22: a final solution without a marker took the answer from inside <think>; it is read after
+    </think> only (segment.reasoning_tags, where segment places the answer span), or not at all."""
+    rows = [{"id": "retracted", "question": "2*2?",
+             "response": "<think>\nMaybe 2+2. Hmm, the answer is 5? No.\n</think>\nTwice two is 4."},
+            {"id": "other-kind", "question": "2*2?", "response": "<think>\n#### 5\n</think>\nSo $\\boxed{4}$."},
+            {"id": "open-tag-in-prompt", "question": "2*2?", "response": "The answer is 5?\n</think>\nIt is 4."},
+            {"id": "after", "question": "2*2?", "response": "<think>\nThe answer is 5?\n</think>\nThe answer is 4."}]
+    _, table, _ = run(tmp_path / "default", rows)
+    answers = dict(zip(table.column("id").to_pylist(), zip(table.column("final_answer").to_pylist(),
+                                                            table.column("answer_source").to_pylist())))
+    assert answers == {"retracted": ("", "none"), "other-kind": ("4", "boxed"), "open-tag-in-prompt": ("", "none"),
+                       "after": ("4", "answer_is")}
+    # the tags come from params.yaml's segment section, through the stage's command line
+    params = tmp_path / "params.yaml"
+    params.write_text("ingest: {}\nsegment: {reasoning_tags: []}\n")
+    source = write_jsonl(tmp_path / "pool.jsonl", rows[:1])
+    main(["--input", str(source), "--out-dir", str(tmp_path / "untagged"), "--params", str(params)])
+    untagged = pq.read_table(tmp_path / "untagged" / "traces.parquet")
+    assert untagged.column("final_answer").to_pylist() == ["5"]  # no reasoning block: the whole response is read
+
+
 # ---- the layouts people hold (params.yaml ingest.preset; README "Your own data") ------------------
 def test_alpaca_input_is_part_of_the_question_and_a_json_array_is_read_as_json(tmp_path):
     rows = [{"instruction": "Solve.", "input": "What is 2+2?", "output": "2+2 = 4\n#### 4"},
