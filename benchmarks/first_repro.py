@@ -4,6 +4,7 @@
     python benchmarks/first_repro.py run --label after --rev HEAD --out bench/first_repro
     python benchmarks/first_repro.py run --label after-w0 --rev HEAD --set extract.workers=0 --out bench/first_repro
     python benchmarks/first_repro.py compare --out bench/first_repro before after after-w0
+    python benchmarks/first_repro.py scaling      # what 2 single-threaded processes get here, against one
 
 Each run is a fresh clone of this repository at --rev (no outputs, no DVC cache, no extract cache,
 no converted-model cache: everything a first run pays for), with --set overrides written into its
@@ -117,6 +118,40 @@ def compare(out: Path, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _rate(kind: str, seconds: float) -> float:
+    """Operations per second on one torch thread: `matmul`, the MLP-shaped product that is most of extract's
+    compute, or `logits`, the LM head's log-softmax over the 49k vocabulary that streams ~200 MB per chunk."""
+    import torch
+
+    torch.set_num_threads(1)
+    tokens, hidden, inner, vocab = 2048, 576, 1536, 49152  # SmolLM2-135M's shapes
+    if kind == "matmul":
+        x, w = torch.randn(tokens, hidden), torch.randn(hidden, inner)
+        step = lambda: torch.mm(x, w)  # noqa: E731
+    else:
+        h, head = torch.randn(1024, hidden), torch.randn(hidden, vocab)
+        step = lambda: torch.log_softmax(h @ head, dim=-1)  # noqa: E731
+    step()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def core_scaling(kind: str, seconds: float = 20.0, processes: int = 2) -> dict:
+    """What `processes` single-threaded workers get together, against one alone: the ceiling of extract.workers
+    on this machine (shared caches, memory bandwidth, hyperthread siblings and neighbours on a VM host)."""
+    import functools
+    import multiprocessing
+
+    alone = _rate(kind, seconds)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        together = pool.map(functools.partial(_rate, kind), [seconds] * processes)
+    return {"kind": kind, "one_process_rate": round(alone, 2), "per_process_rates": [round(r, 2) for r in together],
+            "speedup": round(sum(together) / alone, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,8 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     both = commands.add_parser("compare", help="stage table of earlier runs, ratios to the first label")
     both.add_argument("--out", type=Path, required=True)
     both.add_argument("labels", nargs="+")
+    probe = commands.add_parser("scaling", help="what N single-threaded processes get together, against one")
+    probe.add_argument("--seconds", type=float, default=20.0)
+    probe.add_argument("--processes", type=int, default=2)
+    probe.add_argument("--kind", choices=["matmul", "logits"], action="append", help="default: both")
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command == "scaling":
+        for kind in args.kind or ["matmul", "logits"]:
+            print(json.dumps(core_scaling(kind, args.seconds, args.processes)))
+    elif args.command == "run":
         args.out.mkdir(parents=True, exist_ok=True)
         info = run(args.label, args.rev, args.set, args.out, args.keep)
         print(json.dumps(info, indent=1))
