@@ -114,7 +114,10 @@ def cluster_spec(n_workers: int, gpus: list[str]) -> dict:
 # it also pins glibc's mmap threshold at 128 KiB, so every activation tensor of a forward pass is mmapped,
 # page-faulted in and unmapped again: extract ran 18% slower with it (85 s -> 100 s model time on 128 traces,
 # one process, the default model). Our workers hold one model and a batch, not a growing heap: leave it unset.
+# A Nanny also writes the variable into its own (this) process's environment before spawning, where every later
+# worker would inherit it: unless the user had set it before this module was imported, it is dropped again.
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 @contextlib.contextmanager
@@ -123,6 +126,8 @@ def local_cluster(n_workers: int, gpus: list[str]) -> Iterator[Any]:
     import dask
     from distributed import SpecCluster
 
+    if USER_MALLOC_TRIM is None:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set(WORKER_CONFIG), SpecCluster(**cluster_spec(n_workers, gpus)) as cluster:
         yield cluster
 
