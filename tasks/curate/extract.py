@@ -79,7 +79,7 @@ class Params:
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N
     batch_tokens: int = 8192  # padded tokens per forward batch: more = faster, more memory
     max_length: int | None = None  # null = the model's context length; longer traces lose prompt tokens first
-    shard_size: int = 256  # traces per output shard: the unit of resume, caching and Dask work
+    shard_size: int = 128  # traces per output shard: the unit of resume, caching and of work for the workers
     head_variant: bool = False  # also the exact LM-head Gram (METHOD.md 3, "head"): (n, n) and (n, V) per trace
     chat_template: bool = True  # wrap prompt and response in the tokenizer's chat template when it has one
     cache_dir: str | None = ".grace_cache/extract"  # per-trace results; null = off
