@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tasks.core.schema import EXPORT_SCHEMA
-from tasks.core.stage import ParamsError, params_from_dict
+from tasks.core.stage import ParamsError, params_from_dict, read_quarantine
 from tasks.curate import ingest
 from tasks.curate.export import Params, export, to_alpaca
 from tests.tasks.outputs_tree import MODEL_INFO, build_outputs
@@ -95,7 +95,7 @@ def test_multi_turn_prompt_leaves_alpaca_only_and_is_quarantined(outputs):
     assert traces[multi]["question"] not in [r["instruction"] for r in alpaca]
     first = json.loads((folder / "messages.jsonl").read_text().splitlines()[0])
     assert first["id"] == multi and [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
-    quarantine = [json.loads(line) for line in (root / "export/quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(root / "export/quarantine.jsonl")
     # The trace is in both subsets (top10 is inside top20): one alpaca row refused per subset.
     assert sorted((q["id"], q["reason"]) for q in quarantine) == [(multi, "alpaca_multi_turn")] * 2
     assert stats["read"] == stats["kept"] + stats["quarantined"] and stats["quarantined"] == 2
@@ -108,7 +108,7 @@ def test_missing_trace_is_quarantined_and_formats_param_is_honoured(outputs):
     stats = run(root, Params(formats=("messages",)))
     assert sorted(p.name for p in (root / "export/subsets/top10pct").iterdir()) == [
         "README.md", "dataset_info.json", "messages.jsonl"]
-    quarantine = [json.loads(line) for line in (root / "export/quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(root / "export/quarantine.jsonl")
     assert [(q["id"], q["reason"]) for q in quarantine] == [("ghost", "id_not_in_segments")]
     assert stats["rows"]["top10pct"] == {"messages": len(built["subsets"]["top10pct"])}
 

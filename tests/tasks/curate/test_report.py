@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tasks.core.stage import read_quarantine
 from tasks.curate import svgplot
 from tasks.curate.report import Params, report
 from tests.tasks.outputs_tree import STAGE_STATS, build_outputs
@@ -109,7 +110,7 @@ def test_unrenderable_trace_is_quarantined_not_dropped(outputs):
             row["step_ends"][0] = len(row["scored_response"]) + 5
     pq.write_table(table.from_pylist(rows, schema=table.schema), root / "segment/segments.parquet")
     stats = report(root, root / "report", Params(n_examples=6))  # all 6 kept traces are picked
-    quarantine = [json.loads(line) for line in (root / "report/quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(root / "report/quarantine.jsonl")
     assert [(q["id"], q["reason"]) for q in quarantine] == [(broken, "bad_spans")]
     assert (stats["read"], stats["kept"], stats["examples_kept"]) == (12, 11, 5)
     assert f"<b>{broken}</b>" not in (root / "report/report.html").read_text()
