@@ -117,6 +117,28 @@ def test_unrenderable_trace_is_quarantined_not_dropped(outputs):
     assert f"<b>{broken}</b>" not in (root / "report/report.html").read_text()
 
 
+def test_kept_examples_say_which_turn_was_scored_and_that_the_score_is_no_correctness_check(outputs):
+    root, built = outputs
+    table = pq.read_table(root / "segment/segments.parquet")
+    rows = table.to_pylist()
+    multi, single = built["subsets"]["top10pct"][:2]
+    for row in rows:
+        if row["id"] == multi:  # two earlier exchanges: the scored response is the third assistant turn
+            prompt = json.loads(row["prompt_messages"])
+            earlier = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}] * 2
+            row["prompt_messages"] = json.dumps(earlier + prompt)
+    pq.write_table(table.from_pylist(rows, schema=table.schema), root / "segment/segments.parquet")
+    report(root, root / "report", Params(n_examples=6))  # all 6 kept traces are shown
+    page = (root / "report/report.html").read_text()
+    meta = {id_: line for id_, line in re.findall(r'<div class="meta"><b>(t\d+)</b>(.*?)</div>', page)}
+    assert meta[multi].endswith("&middot; turn 3 of 3 scored; 2 earlier turns as context")
+    assert "turn" not in meta[single]
+    kept = page.split("<h3>Kept (6)</h3>")[1].split('<div class="trace">')[0]  # before the first kept trace
+    caveat = html.unescape(kept)
+    assert "does not check correctness" in caveat and "deep blue" in caveat
+    assert "AUROC 0.45-0.51" in caveat and "docs/calibration.md" in caveat and "docs/selection-study.md" in caveat
+
+
 def test_colour_scale():
     assert svgplot.diverging_colour(0.0, 1.0) == "rgb(247,247,247)"
     assert svgplot.diverging_colour(None, 1.0) == svgplot.diverging_colour(float("nan"), 1.0) == "#d9d9d9"
