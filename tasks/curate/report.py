@@ -144,7 +144,8 @@ CORRECTNESS_CAVEAT = (
     "labelled corruptions, GRACE's score is at chance on the ones that break the answer (operator flips, a "
     "systematic wrong rule, random wrong results: AUROC 0.45-0.51), and its step score puts the corrupted "
     "step lowest in 32% of traces against 31% by chance (docs/calibration.md); on the gsm_noisy labels its "
-    "AUROC clean vs corrupted is 0.45-0.62 by scorer (docs/selection-study.md). Check answers separately.")
+    "AUROC clean vs corrupted is 0.515 (0.45-0.62 across GRACE's scorer variants; docs/selection-study.md). "
+    "Check answers separately.")
 
 
 def pick_examples(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
