@@ -167,8 +167,8 @@ LLAMA_FACTORY_CHAT_TAGS = {"role_tag": "role", "content_tag": "content", "user_t
 def dataset_info(subset: str, formats: tuple[str, ...], multimodal: bool, history: bool = False) -> dict:
     """LLaMA-Factory's dataset_info.json for a subset folder: its chat, Alpaca and ShareGPT files, images where
     there are. A multimodal messages.jsonl holds content parts, which LLaMA-Factory does not read: not listed then.
-    `history`: some alpaca.json row has earlier turns (LLaMA-Factory reads a declared column every row must have
-    a key for in the loaded table, so it is declared only where the file holds it)."""
+    `history`: some alpaca.json row has earlier turns. The column is declared only then: LLaMA-Factory looks a
+    declared column up in every row it loads, and a file whose rows never hold it has no such column."""
     images_column = {"images": "images"} if multimodal else {}
     info = {}
     if "messages" in formats and not multimodal:
