@@ -530,5 +530,22 @@ class StageLedger:
 
     def write(self, stats_path: str | os.PathLike, quarantine_path: str | os.PathLike) -> dict[str, Any]:
         self.check_balance()
-        atomic_write_text(quarantine_path, "".join(q.to_json() + "\n" for q in self.quarantine))
+        atomic_write_text(quarantine_path, quarantine_text(self.quarantine))
         return self.write_stats(stats_path)
+
+
+def quarantine_text(records: Iterable[QuarantineRecord]) -> str:
+    """A quarantine.jsonl's text: one record a line; no record = one blank line, never zero bytes.
+
+    A zero-byte file is what DVC warns about ("'outputs/export/quarantine.jsonl' is empty.") on every
+    `dvc repro` that writes or reads it, so a clean run printed several warnings that meant nothing. A
+    blank line is no record to JSONL readers (NDJSON lets parsers skip empty lines; pandas, pyarrow and
+    jq read it as zero rows; `read_quarantine` does).
+    """
+    return "".join(q.to_json() + "\n" for q in records) or "\n"
+
+
+def read_quarantine(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a quarantine.jsonl, blank lines skipped."""
+    # split at "\n" only: a quarantined response may hold U+2028 or \x0c, which splitlines() splits at
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -94,7 +94,8 @@ def aggregate(step_scores: Path, extract: Path, out_dir: Path, params: Params,
         given = "no --unconditional" if unconditional is None else f"no file {unconditional}"
         raise StageInputError(
             f"aggregate: score.method {score.method} reads the unconditional stage's losses ({given}); the default "
-            "pipeline does not compute them: run `dvc repro finetune/dvc.yaml:unconditional`, then pass "
+            "pipeline does not compute them: run `dvc repro finetune/dvc.yaml:unconditional` (first delete its line "
+            "in .dvcignore, where a fresh clone keeps it off), then pass "
             "--unconditional outputs/unconditional/losses.parquet (the Prefect flow runs unconditional itself)")
     table = read_extract(Path(extract))  # sorted by id
     ledger = StageLedger("aggregate")

@@ -11,10 +11,13 @@ Per subset, under subsets/<name>/, rows in the subset's rank order (ids.txt):
                   completion only, which messages.jsonl cannot give under a chat template with no
                   generation markers, SmolLM2's among them)
   alpaca.json     [{"id", "instruction": question, "input": "", "output": response, "system": system turn,
-                  "score", "rank"}, ...] ("system" only where the prompt has one: LLaMA-Factory's alpaca
-                  `system` column; the question already holds an ingested Alpaca input, so "input" stays empty)
+                  "history": [[user, assistant], ...], "score", "rank"}, ...] ("system" only where the prompt
+                  has one, "history" only where it has earlier turns: LLaMA-Factory's alpaca `system` and
+                  `history` columns; the question already holds an ingested Alpaca input, so "input" stays empty)
+  sharegpt.jsonl  {"id", "conversations": [{"from": "system"|"human"|"gpt", "value"}, ...], "score", "rank"}
+                  (ShareGPT: LLaMA-Factory's sharegpt formatting with its default tags, FastChat, axolotl)
   data.parquet    id, prompt_messages (list of {role, content}), response, score, rank
-Each file reads back through ingest with its preset (messages, prompt_completion, alpaca, grace_parquet)
+Each file reads back through ingest with its preset (messages, prompt_completion, alpaca, sharegpt, grace_parquet)
 to the same ids and content hashes. Beside the files each subset gets
   README.md           a dataset card: YAML front matter (Hugging Face `configs`, one per file; under `grace`
                       the source file and its sha256, the scoring model's identity, the subset's rule,
@@ -32,8 +35,8 @@ repository root where they lie inside it, so a trainer reads them from a clone's
 --image_folder); absolute only for files outside the checkout.
 A text-only run writes exactly what it wrote before: no llava.json, no `images` key or column.
 The response is the trace as given (calculator annotations included), not the scored text.
-A prompt with turns besides one system and one user turn has no Alpaca form: it is quarantined
-for alpaca only (reason alpaca_multi_turn) and still exported in the other formats.
+A prompt that is not (system?) (user, assistant)* user, e.g. two user turns in a row, has no Alpaca form: it
+is quarantined for alpaca only (reason alpaca_multi_turn) and still exported in the other formats.
 Counts are per row to write (subset x format x id): read = kept + quarantined.
 """
 
@@ -53,9 +56,9 @@ from tasks.core.stage import ParamsError, Stage, StageLedger, atomic_outputs, pa
 from tasks.curate import images
 from tasks.curate.runinfo import read_json, run_settings
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "parquet")
+FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "parquet")
 FILE_NAMES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "alpaca": "alpaca.json",
-              "parquet": "data.parquet", "llava": "llava.json"}
+              "sharegpt": "sharegpt.jsonl", "parquet": "data.parquet", "llava": "llava.json"}
 IMAGE_FORMATS = ("llava",)  # written besides export.formats where the export holds multimodal traces
 LLAVA_SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system"}
 
@@ -74,12 +77,16 @@ class Params:
 
 
 def to_alpaca(prompt: list[dict], question: str, response: str) -> dict | None:
-    """Alpaca form of a (system?, user) prompt; None where the prompt has other turns."""
-    roles = [m["role"] for m in prompt]
-    if roles not in (["user"], ["system", "user"]):
+    """Alpaca form of a (system?) (user, assistant)* user prompt; None for any other shape. The earlier turns
+    go to `history` as [[user, assistant], ...] (LLaMA-Factory's alpaca convention), oldest first."""
+    system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
+    turns = prompt[1:] if system is not None else prompt
+    pairs = len(turns) // 2
+    if [m["role"] for m in turns] != ["user", "assistant"] * pairs + ["user"]:
         return None
     record = {"instruction": question, "input": "", "output": response}
-    return record | {"system": prompt[0]["content"]} if roles[0] == "system" else record
+    history = [[turns[2 * i]["content"], turns[2 * i + 1]["content"]] for i in range(pairs)]
+    return record | ({"system": system} if system is not None else {}) | ({"history": history} if history else {})
 
 
 def alpaca_row(id_: str, record: dict, ranked: dict) -> dict:
@@ -112,12 +119,17 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
                 completion = [{"role": "assistant", "content": trace["response"]}]
                 rows[fmt].append(json.dumps({"prompt": images.sft_turns(prompt), "completion": completion, "id": id_,
                                              **extra}, ensure_ascii=False) + "\n")
-            elif fmt == "llava":
+            elif fmt in ("llava", "sharegpt"):
                 turns = flat + [{"role": "assistant", "content": trace["response"]}]
                 conversations = [{"from": LLAVA_SPEAKERS.get(m["role"], m["role"]), "value": m["content"]}
                                  for m in turns]
-                image = {"image": image_files[0] if len(image_files) == 1 else image_files} if image_files else {}
-                rows[fmt].append({"id": id_, **image, "conversations": conversations})
+                if fmt == "llava":
+                    image = {"image": image_files[0] if len(image_files) == 1 else image_files} if image_files else {}
+                    rows[fmt].append({"id": id_, **image, "conversations": conversations})
+                else:
+                    rows[fmt].append(json.dumps({"id": id_, "conversations": conversations, **extra,
+                                                 "score": ranked["score"], "rank": ranked["rank"]},
+                                                ensure_ascii=False) + "\n")
             elif fmt == "alpaca":
                 question = flat[-1]["content"] if image_files else trace["question"]
                 record = to_alpaca(flat, question, trace["response"])
@@ -134,7 +146,7 @@ def export_subset(ids: list[str], traces: dict[str, dict], ranking: dict[str, di
                 rows[fmt].append(row | {"images": image_files} if "llava" in formats else row)
             ledger.keep()
     files = {}
-    for fmt in ("messages", "prompt_completion"):
+    for fmt in ("messages", "prompt_completion", "sharegpt"):
         if fmt in rows:
             files[fmt] = "".join(rows[fmt]).encode("utf-8")
     for fmt in ("alpaca", "llava"):
@@ -152,9 +164,12 @@ LLAMA_FACTORY_CHAT_TAGS = {"role_tag": "role", "content_tag": "content", "user_t
                            "assistant_tag": "assistant", "system_tag": "system"}
 
 
-def dataset_info(subset: str, formats: tuple[str, ...], multimodal: bool) -> dict:
-    """LLaMA-Factory's dataset_info.json for a subset folder: its chat and Alpaca files, images where there are.
-    A multimodal messages.jsonl holds content parts, which LLaMA-Factory does not read: only alpaca.json then."""
+def dataset_info(subset: str, formats: tuple[str, ...], multimodal: bool, history: bool = False) -> dict:
+    """LLaMA-Factory's dataset_info.json for a subset folder: its chat, Alpaca and ShareGPT files, images where
+    there are. A multimodal messages.jsonl holds content parts, which LLaMA-Factory does not read: not listed then.
+    `history`: some alpaca.json row has earlier turns. The column is declared only then: LLaMA-Factory looks a
+    declared column up in every row it loads, and a file whose rows never hold it has no such column."""
+    images_column = {"images": "images"} if multimodal else {}
     info = {}
     if "messages" in formats and not multimodal:
         info[f"{subset}_messages"] = {"file_name": FILE_NAMES["messages"], "formatting": "sharegpt",
@@ -162,7 +177,10 @@ def dataset_info(subset: str, formats: tuple[str, ...], multimodal: bool) -> dic
     if "alpaca" in formats:
         columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
         info[f"{subset}_alpaca"] = {"file_name": FILE_NAMES["alpaca"], "formatting": "alpaca",
-                                    "columns": columns | ({"images": "images"} if multimodal else {})}
+                                    "columns": columns | ({"history": "history"} if history else {}) | images_column}
+    if "sharegpt" in formats:  # human/gpt/system under from/value: LLaMA-Factory's default sharegpt tags
+        info[f"{subset}_sharegpt"] = {"file_name": FILE_NAMES["sharegpt"], "formatting": "sharegpt",
+                                      "columns": {"messages": "conversations"} | images_column}
     return info
 
 
@@ -220,7 +238,8 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params, outputs
     staging = out_dir / ".subsets.tmp"  # built aside, then swapped in: no stale or half-written subsets
     shutil.rmtree(staging, ignore_errors=True)
     for name in names:
-        for fmt, content in export_subset(ids_of[name], traces, ranking, formats, ledger, name).items():
+        files = export_subset(ids_of[name], traces, ranking, formats, ledger, name)
+        for fmt, content in files.items():
             path = staging / name / FILE_NAMES[fmt]
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, pa.Table):
@@ -231,7 +250,8 @@ def export(subsets: Path, segments: Path, out_dir: Path, params: Params, outputs
         folder.mkdir(parents=True, exist_ok=True)
         card = dataset_card(name, ledger.extra["rows"][name], Path(outputs) if outputs is not None else None)
         (folder / "README.md").write_text(card, encoding="utf-8")
-        info = dataset_info(name, formats, multimodal)
+        history = "alpaca" in files and any("history" in row for row in json.loads(files["alpaca"]))
+        info = dataset_info(name, formats, multimodal, history)
         (folder / "dataset_info.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out_dir / "subsets", ignore_errors=True)
     staging.rename(out_dir / "subsets")

@@ -157,6 +157,11 @@ def verified_images(prompt_messages: str | list[dict]) -> list:
     return loaded
 
 
+EMBED_README = ("Images that the input dataset embedded as bytes (a Hugging Face `Image` column), written out by\n"
+                "ingest and named by the sha256 of their bytes; traces.parquet refers to them. A pool whose images\n"
+                "are files, or a text pool, has none here.\n")
+
+
 class ImageStore:
     """Resolves image sources to checked files with their sha256; embedded bytes are written under embed_dir."""
 
@@ -168,9 +173,11 @@ class ImageStore:
         self.real_root = Path(os.path.realpath(self.root))  # every file read must lie under it
         self.published_dir = published_dir if published_dir is not None else embed_dir
         if embed_dir is not None:
-            # made even when no image is embedded (a text pool): dvc.yaml declares it an out of ingest, and
-            # DVC 3 caches, pushes and restores an empty directory like any other
+            # made even when no image is embedded (a text pool): dvc.yaml declares it an out of ingest. Its
+            # README says what it holds, and keeps it from being empty: DVC warns "'outputs/ingest/images' is
+            # empty." on every `dvc repro` of a text pool otherwise, a warning that means nothing there
             embed_dir.mkdir(parents=True, exist_ok=True)
+            (embed_dir / "README.md").write_text(EMBED_README, encoding="utf-8")
         self.digests: dict[str, str] = {}  # path -> sha256, so an image shared by many records is read once
         self.written = 0  # embedded images written to embed_dir
 

@@ -45,10 +45,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "messages": {"messages_field": "messages"},
     # ShareGPT / LLaVA: {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}.
     "sharegpt": {"messages_field": "conversations"},
-    # Alpaca: {"instruction", "input", "output", "system"?}; a non-empty input is appended to the instruction,
-    # a system prompt (LLaMA-Factory's `system` column, export's alpaca.json) is a system turn before it.
+    # Alpaca: {"instruction", "input", "output", "system"?, "history"?}; a non-empty input is appended to the
+    # instruction, a system prompt (LLaMA-Factory's `system` column, export's alpaca.json) is a system turn
+    # before it, and `history` [[user, assistant], ...] (LLaMA-Factory's multi-turn column) the earlier turns.
     "alpaca": {"question_fields": ("instruction",), "input_field": "input", "response_fields": ("output",),
-               "system_field": "system"},
+               "system_field": "system", "history_field": "history"},
     # TRL's conversational prompt-completion (export's prompt_completion.jsonl): {"prompt": [turns],
     # "completion": [{"role": "assistant", ...}]}; prompt turns and completion read as one chat.
     "prompt_completion": {"question_fields": ("prompt",), "response_fields": ("completion",), "messages_field": None},
@@ -91,6 +92,7 @@ class Params:
     preset: str | None = None  # a named layout (PRESETS) filling the keys left at their defaults
     input_field: str | None = "input"  # Alpaca's second half of the question, appended when non-empty
     system_field: str | None = None  # a system prompt field: a system turn before the question where non-empty
+    history_field: str | None = None  # Alpaca's earlier turns, [[user, assistant], ...]: placed before the question
     generations_field: str | None = None  # a list of solutions per problem: one trace each
     # fields that follow the generation in each trace's record (raw, the subsets' own format): a list as long
     # as generations keeps only the selected entry; a chat list gets it as its last assistant turn
@@ -320,6 +322,18 @@ def _conversation(record: dict, params: Params) -> tuple[list, str] | None:
     return record[question] + turns, f"{question}+{response}"
 
 
+def _history(record: dict, params: Params) -> list[dict]:
+    """The turns of an Alpaca `history` [[user, assistant], ...] (LLaMA-Factory's convention), oldest first."""
+    pairs = record.get(params.history_field) if params.history_field is not None else None
+    if pairs is None:
+        return []
+    if not (isinstance(pairs, list) and all(isinstance(pair, list) and len(pair) == 2
+                                            and all(isinstance(text, str) for text in pair) for pair in pairs)):
+        raise Rejected("wrong_type", f"history field {params.history_field!r} must be a list of [user, assistant] "
+                                     "string pairs")
+    return [{"role": role, "content": text} for pair in pairs for role, text in zip(("user", "assistant"), pair)]
+
+
 def _text_trace(record: dict, params: Params, response: str | None = None,
                 reasoning_tags: tuple[str, ...] = ()) -> dict[str, str]:
     if params.messages_field is not None and record.get(params.messages_field) is not None:
@@ -332,7 +346,7 @@ def _text_trace(record: dict, params: Params, response: str | None = None,
             response = _response_text(record, params.response_fields)
         elif not response.strip():
             raise Rejected("empty_field", f"generation in {params.generations_field!r} is empty")
-        prompt = [{"role": "user", "content": question}]
+        prompt = [*_history(record, params), {"role": "user", "content": question}]
         system = record.get(params.system_field) if params.system_field is not None else None
         if system is not None and not isinstance(system, str):
             raise Rejected("wrong_type", f"system field {params.system_field!r} is {type(system).__name__}")

@@ -127,6 +127,27 @@ def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def scored_turn(prompt_messages: str) -> str:
+    """Which turn of a multi-turn chat was scored: ingest scores the last assistant turn, the turns before it
+    are its context (docs/data.md); "" for a single-turn trace."""
+    earlier = sum(m["role"] == "assistant" for m in json.loads(prompt_messages))
+    if not earlier:
+        return ""
+    return (f"turn {earlier + 1} of {earlier + 1} scored; {earlier} earlier turn{'s' * (earlier > 1)} "
+            "as context")
+
+
+# Beside the kept examples: their colours say nothing of correctness, and what was measured of that.
+CORRECTNESS_CAVEAT = (
+    "The score does not check correctness: it measures how each step's gradient agrees with the answer's and "
+    "with the steps before it, so a wrong step (or a wrong answer) can be shown in deep blue. Measured on "
+    "labelled corruptions, GRACE's score is at chance on the ones that break the answer (operator flips, a "
+    "systematic wrong rule, random wrong results: AUROC 0.45-0.51), and its step score puts the corrupted "
+    "step lowest in 32% of traces against 31% by chance (docs/calibration.md); on the gsm_noisy labels its "
+    "AUROC clean vs corrupted is 0.515 (0.45-0.62 across GRACE's scorer variants; docs/selection-study.md). "
+    "Check answers separately.")
+
+
 def pick_examples(ids: list[str], n: int, rng: np.random.Generator) -> list[str]:
     ids = sorted(ids)
     return [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
@@ -191,8 +212,9 @@ def report(outputs: Path, out_dir: Path, params: Params) -> dict:
                 ledger.reject("id_not_in_segments" if row is None else "bad_spans", problem, id=id_)
                 continue
             member = ", ".join(n for n, members in sorted(member_sets.items()) if id_ in members) or "no subset"
+            turn = scored_turn(row["prompt_messages"])
             meta = (f"<b>{escape(id_)}</b> &middot; score {score_of[id_]:.4g} &middot; rank {rank_of[id_]} "
-                    f"of {len(rank_of)} &middot; {escape(member)}")
+                    f"of {len(rank_of)} &middot; {escape(member)}" + (f" &middot; {escape(turn)}" if turn else ""))
             rendered.setdefault(group, []).append(render_trace(row, steps_of.get(id_, {}), limit, meta))
             ledger.keep()
 
@@ -225,7 +247,8 @@ td:first-child,th:first-child,td.text{text-align:left}.trace{border:1px solid #d
 pre{white-space:pre-wrap;font-size:13px;line-height:1.6}.answer{text-decoration:underline 2px;font-weight:bold}
 .n{font-size:10px;color:#555;vertical-align:super;margin:0 2px}.caption{font-size:13px;color:#444}
 .failed{color:#b2182b;font-weight:bold}.passed{color:#1b7837;font-weight:bold}
-.warning{border:2px solid #b2182b;padding:0 1em;margin:1em 0}"""
+.warning{border:2px solid #b2182b;padding:0 1em;margin:1em 0}
+.caveat{font-size:13px;border-left:4px solid #b2182b;padding:.2em .8em;background:#fdf3f3}"""
 
 
 def stage_rows(stats: list[dict[str, Any]]) -> str:
@@ -279,8 +302,9 @@ def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds:
     subset_rows = "".join(f"<tr><td>{escape(n)}</td><td>{len(ids)}</td><td>{_num(thresholds.get(n))}</td>"
                           f'<td class="text">{per_question_text(per_question.get(n))}</td></tr>'
                           for n, ids in sorted(subsets.items(), key=lambda kv: len(kv[1])))
-    traces = "".join(f"<h3>{group.capitalize()} ({len(items)})</h3>" + "".join(items)
-                     for group, items in rendered.items())
+    caveat = f'<p class="caveat">{escape(CORRECTNESS_CAVEAT)}</p>'
+    traces = "".join(f"<h3>{group.capitalize()} ({len(items)})</h3>" + (caveat if group == "kept" else "")
+                     + "".join(items) for group, items in rendered.items())
     diagonal = ("The dense diagonal (consistency = alpha) is the first steps: a first step has no earlier step "
                 "to agree with, so its consistency is its alpha (score.first_step: alpha)."
                 if header["first_step"] == "alpha" else "First steps have no consistency (score.first_step: skip) "
@@ -298,7 +322,8 @@ def page(stats: list[dict[str, Any]], subsets: dict[str, list[str]], thresholds:
 <h2>Distributions</h2>{figures}
 <h2>Example traces</h2><p>Steps coloured by step score and numbered; the table under each trace gives every
 step's alpha (alignment with the answer), consistency (with the steps before it) and step score. The answer is
-underlined. Kept traces are in at least one subset, rejected ones in none.</p>{legend}{traces}
+underlined. Kept traces are in at least one subset, rejected ones in none. A multi-turn chat is scored on its
+last assistant turn, with the turns before it as context; its line above says which turn.</p>{legend}{traces}
 </body></html>
 """
 

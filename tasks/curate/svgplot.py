@@ -15,7 +15,10 @@ WIDTH, HEIGHT = 640, 280
 LEFT, RIGHT, TOP, BOTTOM = 60, 16, 16, 44  # frame margins: room for tick labels and axis titles
 NEGATIVE, ZERO, POSITIVE = (178, 24, 43), (247, 247, 247), (33, 102, 172)  # diverging red-white-blue
 MARKER_COLOURS = ("#d95f02", "#7570b3", "#1b9e77", "#e7298a", "#66a61e", "#e6ab02")
-CHAR_WIDTH, ROW_HEIGHT = 6.5, 14  # px per character and per label row at font-size 11 (an upper estimate)
+# px per character and per label row at font-size 11. A label is drawn at exactly CHAR_WIDTH x its length
+# (textLength): laid out by an estimate alone, labels still met in browsers whose sans-serif is wider (DejaVu
+# Sans, Linux's usual one: digits 0.64 em against Helvetica's 0.56, ">=" half as wide again).
+CHAR_WIDTH, ROW_HEIGHT = 6.5, 14
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
@@ -79,19 +82,21 @@ def marker_rows(spans: Sequence[tuple[float, float]], gap: float = 4.0) -> list[
 
 def _markers(frame: _Frame, markers: Sequence[tuple[float, str]]) -> list[str]:
     """Dashed vertical lines with labels that never overlap: a label sits left of its line (right of it
-    where the frame ends) on the first free row, with a white halo to stay legible over bars."""
+    where the frame begins, inside the frame's right edge), on the first free row, with a white halo to stay
+    legible over bars. Each label is drawn exactly as wide as laid out (textLength), whatever the font."""
     spans = []
     for x, label in markers:
         px, width = frame.px(x), CHAR_WIDTH * len(label)
-        left = px - 3 - width if px - 3 - width >= LEFT else px + 3
+        left = px - 3 - width if px - 3 - width >= LEFT else min(px + 3, WIDTH - RIGHT - width)
         spans.append((left, left + width))
     parts = []
-    for i, ((x, label), (left, _), row) in enumerate(zip(markers, spans, marker_rows(spans))):
+    for i, ((x, label), (left, right), row) in enumerate(zip(markers, spans, marker_rows(spans))):
         colour, px = MARKER_COLOURS[i % len(MARKER_COLOURS)], frame.px(x)
         parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{HEIGHT - BOTTOM}" stroke="{colour}" '
                      f'stroke-width="1.5" stroke-dasharray="4 3"/>')
-        parts.append(f'<text x="{left:.1f}" y="{TOP + 12 + ROW_HEIGHT * row}" fill="{colour}" stroke="white" '
-                     f'stroke-width="3" paint-order="stroke">{escape(label)}</text>')
+        parts.append(f'<text x="{left:.1f}" y="{TOP + 12 + ROW_HEIGHT * row}" textLength="{right - left:.1f}" '
+                     f'lengthAdjust="spacingAndGlyphs" fill="{colour}" stroke="white" stroke-width="3" '
+                     f'paint-order="stroke">{escape(label)}</text>')
     return parts
 
 

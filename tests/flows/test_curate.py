@@ -27,7 +27,7 @@ from prefect.states import Failed
 
 import tasks.core.artifacts
 import tasks.curate.extract
-from tasks.core.stage import ParamsError, StageInputError
+from tasks.core.stage import ParamsError, StageInputError, read_quarantine
 from tasks.curate.validate import ExpectationsFailed
 from flows.curate import (EPHEMERAL_STARTUP_SECONDS, STAGE_PATHS, STAGE_TASK, SUMMARY_ARTIFACT_KEY, curate,
                           ignore_outputs, ingest_task, model_task, prefect_settings, retry_if_transient,
@@ -72,8 +72,7 @@ def test_flow_writes_every_artifact_and_counts_reconcile(in_process_run):
         assert summary["stages"][stage] == on_disk
         assert on_disk["read"] == on_disk["kept"] + on_disk["quarantined"]
     for stage in ["ingest", "segment", "extract", "export", "report"]:
-        lines = (outputs / stage / "quarantine.jsonl").read_text(encoding="utf-8").splitlines()
-        assert len(lines) == stats[stage]["quarantined"]
+        assert len(read_quarantine(outputs / stage / "quarantine.jsonl")) == stats[stage]["quarantined"]
     assert {"read": 8, "kept": 5, "quarantined": 3, "quarantined_duplicate_id": 1, "quarantined_malformed_json": 1,
             "quarantined_no_assistant_turn": 1}.items() <= stats["ingest"].items()
     assert (stats["segment"]["read"], stats["segment"]["kept"], stats["segment"]["quarantined_no_steps"]) == (5, 4, 1)
@@ -206,7 +205,7 @@ def test_tasks_run_the_stage_functions(tmp_path, tiny_model_dir):
     params = root / "params.yaml"
     ingest_stats = ingest_task.fn(root / "data" / "gsm_noisy" / "pool.jsonl", tmp_path / "ingest", params)
     assert (ingest_stats["read"], ingest_stats["kept"]) == (8, 5)
-    reasons = [json.loads(line)["reason"] for line in (tmp_path / "ingest" / "quarantine.jsonl").open()]
+    reasons = [q["reason"] for q in read_quarantine(tmp_path / "ingest" / "quarantine.jsonl")]
     assert sorted(reasons) == ["duplicate_id", "malformed_json", "no_assistant_turn"]
 
     # The section is read from the file: a changed setting changes what the stage does.

@@ -46,7 +46,8 @@ def multimodal_run(prefect_api, tmp_path_factory):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The records of a JSONL file; blank lines hold none (an empty quarantine.jsonl is one blank line)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def test_multimodal_traces_go_from_ingest_to_export(multimodal_run):

@@ -14,7 +14,7 @@ import yaml
 
 from tasks.core.artifacts import read_extract
 from tasks.core.schema import SAMPLE_SCORE_SCHEMA, SEGMENT_SCHEMA, STEP_SCORE_SCHEMA
-from tasks.core.stage import StageInputError, write_parquet
+from tasks.core.stage import StageInputError, read_quarantine, write_parquet
 from tasks.curate import aggregate, export, extract, ingest, report, score, segment, select, unconditional, validate
 from tests.params_yaml import committed_file
 from tests.tasks.extract_tables import write_extract
@@ -38,8 +38,7 @@ def cli_error(capsys, main, *argv) -> str:
 
 
 def quarantine(out_dir: Path) -> list[dict]:
-    lines = (out_dir / "quarantine.jsonl").read_text(encoding="utf-8").split("\n")[:-1]  # JSONL: "\n" ends a line
-    return [json.loads(line) for line in lines]
+    return read_quarantine(out_dir / "quarantine.jsonl")
 
 
 def test_a_lone_surrogate_escape_costs_its_record_only(tmp_path, gsm_rows):

@@ -14,6 +14,7 @@ import yaml
 
 from tasks.core.artifacts import read_extract
 from tasks.core.schema import EXTRACT_SCHEMA, SEGMENT_SCHEMA, content_hash
+from tasks.core.stage import read_quarantine
 from tasks.curate.extract import (PACK_SCHEMA, PackCache, Params, extract, extract_shard, finalize, load_model, main,
                                   plan_shards, trace_key)
 from tests.params_yaml import defaults_are_the_section
@@ -89,8 +90,7 @@ def test_cli_writes_shards_quarantine_and_stats(tmp_path, segments, tiny_model_d
     assert stats["shards"] == 3 and 0 <= stats["padding_waste"] < 1 and stats["tokens_per_s"] > 0
     # timings stay in stats.json: in the DVC metrics file every cross-machine `dvc metrics diff` would list them
     assert json.loads((out_dir / "metrics.json").read_text()) == {"loss_tokens": stats["loss_tokens"]}
-    reasons = {json.loads(line)["id"]: json.loads(line)["reason"]
-               for line in (out_dir / "quarantine.jsonl").read_text().splitlines()}
+    reasons = {q["id"]: q["reason"] for q in read_quarantine(out_dir / "quarantine.jsonl")}
     assert reasons == {"bad-spans": "invalid_spans", "too-long": "response_exceeds_context"}
     assert sorted(p.name for p in (out_dir / "shards").glob("*.parquet")) == [f"part-{i:05d}.parquet" for i in range(3)]
     table = read_extract(out_dir)

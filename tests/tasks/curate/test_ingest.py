@@ -44,7 +44,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    """The records of a JSONL file; blank lines hold none (an empty quarantine.jsonl is one blank line)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run(tmp_path: Path, rows_or_bytes, params: Params = Params(), name: str = "in.jsonl"):
@@ -336,6 +337,18 @@ def test_alpaca_input_is_part_of_the_question_and_a_json_array_is_read_as_json(t
     (tmp_path / "object.json").write_text(json.dumps({"data": rows}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"JSON array .* keys \['data'\]"):
         ingest(tmp_path / "object.json", tmp_path / "out3", Params(format="json"))
+
+
+def test_alpaca_history_is_the_earlier_turns_before_the_question(tmp_path):
+    rows = [{"id": "two-turns", "instruction": "And doubled?", "output": "4 x 2 = 8\n#### 8", "system": "Be brief.",
+             "history": [["What is 2+2?", "2+2 = 4"]]},
+            {"id": "bad-history", "instruction": "And doubled?", "output": "8\n#### 8", "history": [["only one"]]}]
+    stats, table, quarantine = run(tmp_path, rows, Params(preset="alpaca"))
+    assert json.loads(table.column("prompt_messages")[0].as_py()) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "2+2 = 4"}, {"role": "user", "content": "And doubled?"}]
+    assert [(q["id"], q["reason"]) for q in quarantine] == [("bad-history", "wrong_type")]
+    assert "[user, assistant]" in quarantine[0]["detail"] and stats["kept"] == 1
 
 
 def test_sharegpt_and_llava_conversations(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tasks.core.stage import read_quarantine
 from tasks.curate import svgplot
 from tasks.curate.report import Params, report
 from tests.tasks.outputs_tree import STAGE_STATS, build_outputs
@@ -109,10 +111,32 @@ def test_unrenderable_trace_is_quarantined_not_dropped(outputs):
             row["step_ends"][0] = len(row["scored_response"]) + 5
     pq.write_table(table.from_pylist(rows, schema=table.schema), root / "segment/segments.parquet")
     stats = report(root, root / "report", Params(n_examples=6))  # all 6 kept traces are picked
-    quarantine = [json.loads(line) for line in (root / "report/quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(root / "report/quarantine.jsonl")
     assert [(q["id"], q["reason"]) for q in quarantine] == [(broken, "bad_spans")]
     assert (stats["read"], stats["kept"], stats["examples_kept"]) == (12, 11, 5)
     assert f"<b>{broken}</b>" not in (root / "report/report.html").read_text()
+
+
+def test_kept_examples_say_which_turn_was_scored_and_that_the_score_is_no_correctness_check(outputs):
+    root, built = outputs
+    table = pq.read_table(root / "segment/segments.parquet")
+    rows = table.to_pylist()
+    multi, single = built["subsets"]["top10pct"][:2]
+    for row in rows:
+        if row["id"] == multi:  # two earlier exchanges: the scored response is the third assistant turn
+            prompt = json.loads(row["prompt_messages"])
+            earlier = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}] * 2
+            row["prompt_messages"] = json.dumps(earlier + prompt)
+    pq.write_table(table.from_pylist(rows, schema=table.schema), root / "segment/segments.parquet")
+    report(root, root / "report", Params(n_examples=6))  # all 6 kept traces are shown
+    page = (root / "report/report.html").read_text()
+    meta = {id_: line for id_, line in re.findall(r'<div class="meta"><b>(t\d+)</b>(.*?)</div>', page)}
+    assert meta[multi].endswith("&middot; turn 3 of 3 scored; 2 earlier turns as context")
+    assert "turn" not in meta[single]
+    kept = page.split("<h3>Kept (6)</h3>")[1].split('<div class="trace">')[0]  # before the first kept trace
+    caveat = html.unescape(kept)
+    assert "does not check correctness" in caveat and "deep blue" in caveat
+    assert "AUROC 0.45-0.51" in caveat and "docs/calibration.md" in caveat and "docs/selection-study.md" in caveat
 
 
 def test_colour_scale():
@@ -202,16 +226,27 @@ def test_failed_validation_is_stated_with_each_failure(outputs):
     assert "<li>step_scores: expect_column_values_to_be_between [alpha] observed 3 of 30</li>" in html
 
 
-def test_threshold_labels_never_overlap():
+def label_boxes(svg: str) -> list[tuple[float, float, float]]:
+    """(left, right, baseline) of each threshold label, from the coordinates and forced width it is drawn with."""
+    found = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" textLength="([\d.]+)" lengthAdjust="spacingAndGlyphs" '
+                       r'fill="#[0-9a-f]+"[^>]*>([^<]+)</text>', svg)
+    for _, _, length, label in found:  # drawn exactly as wide as the layout reserved, whatever the font
+        assert float(length) == pytest.approx(svgplot.CHAR_WIDTH * len(html.unescape(label)), abs=0.06)
+    return [(float(x), float(x) + float(length), float(y)) for x, y, length, _ in found]
+
+
+@pytest.mark.parametrize("chart", ["histogram", "subset_size"])
+def test_threshold_labels_never_overlap(chart):
     close = [(0.50, "top5pct >= 0.5"), (0.49, "top10pct >= 0.49"), (0.485, "top20pct >= 0.485"),
-             (0.10, "budget >= 0.1")]
-    svg = svgplot.histogram(np.array([3, 5, 2]), np.array([0.0, 0.2, 0.4, 0.6]), close, "score", "t")
-    boxes = []
-    for x, y, label in re.findall(r'<text x="([\d.]+)" y="([\d.]+)" fill="#[0-9a-f]+"[^>]*>([^<]+)</text>', svg):
-        boxes.append((float(x), float(x) + svgplot.CHAR_WIDTH * len(label), float(y)))
-    assert len(boxes) == 4
+             (0.10, "budget >= 0.1"), (0.59, "top1pct >= 0.59"), (0.0, "budget100000tok >= 0")]
+    edges = np.array([0.0, 0.2, 0.4, 0.6])
+    svg = (svgplot.histogram(np.array([3, 5, 2]), edges, close, "score", "t") if chart == "histogram" else
+           svgplot.line(np.linspace(0, 0.6, 41), np.linspace(30, 0, 41), "threshold", "n", "t", close))
+    boxes = label_boxes(svg)
+    assert len(boxes) == len(close)
     for i, (l1, r1, y1) in enumerate(boxes):
         for l2, r2, y2 in boxes[i + 1:]:  # side by side, or a full line box (1.2 x font-size 11) apart
             assert r1 <= l2 or r2 <= l1 or abs(y1 - y2) >= 1.2 * 11, (boxes, i)
-    assert all(svgplot.LEFT <= left for left, _, _ in boxes)
+    assert all(svgplot.LEFT <= left and right <= svgplot.WIDTH - svgplot.RIGHT for left, right, _ in boxes)
+    assert all(y <= svgplot.HEIGHT - svgplot.BOTTOM for _, _, y in boxes)  # every row inside the frame
     assert svgplot.marker_rows([(0, 10), (5, 15), (20, 30), (12, 18)]) == [0, 1, 0, 2]

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.core.schema import SEGMENT_SCHEMA, TRACE_SCHEMA, content_hash
-from tasks.core.stage import ParamsError, params_from_dict
+from tasks.core.stage import ParamsError, params_from_dict, read_quarantine
 from tasks.curate.ingest import Params as IngestParams
 from tasks.curate.ingest import ingest
 from tasks.curate.segment import STRATEGIES, Params, Unsegmentable, main, segment, segment_text, split_steps
@@ -217,7 +217,7 @@ def test_bad_reasoning_blocks_are_quarantined_with_reasons(tmp_path):
         ("prose", PROSE, "none"),
     ])
     stats = segment(traces, tmp_path / "seg", Params())
-    quarantine = [json.loads(line) for line in (tmp_path / "seg" / "quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(tmp_path / "seg" / "quarantine.jsonl")
     assert [(q["id"], q["reason"]) for q in quarantine] == [("unclosed", "unclosed_reasoning"),
                                                            ("no-final", "empty_final_solution")]
     table = pq.read_table(tmp_path / "seg" / "segments.parquet")
@@ -235,7 +235,7 @@ def test_quarantine_reasons_and_counts(tmp_path):
         ("field-one-line", "b 1", "field"),
     ])
     stats = segment(traces, tmp_path / "seg", Params(answer_fallback="none"))
-    quarantine = [json.loads(line) for line in (tmp_path / "seg" / "quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(tmp_path / "seg" / "quarantine.jsonl")
     assert [(q["id"], q["reason"], q["source_row"]) for q in quarantine] == [
         ("only-answer", "no_steps", 1), ("no-marker", "no_answer_span", 2), ("field-one-line", "no_steps", 4)]
     assert pq.read_table(tmp_path / "seg" / "segments.parquet").column("id").to_pylist() == ["ok", "field"]

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tasks.core.artifacts import read_extract, read_losses
 from tasks.core.schema import EXTRACT_SCHEMA
 from tasks.core.schema import UNCONDITIONAL_SCHEMA
-from tasks.core.stage import write_parquet
+from tasks.core.stage import read_quarantine, write_parquet
 from tasks.curate.aggregate import Params as AggregateParams
 from tasks.curate.aggregate import aggregate
 from tasks.curate.baselines import MissingArtifactError, baseline_scores
@@ -118,7 +118,7 @@ def test_streamed_in_chunks_with_a_too_long_response_quarantined(tmp_path, tiny_
     stats, chunked = run("chunked", f"  shard_size: 2\n  max_length: {fits}\n")
     assert (stats["read"], stats["kept"], stats["quarantined"]) == (3, 2, 1)
     assert stats["quarantined_response_exceeds_context"] == 1
-    quarantined = [json.loads(line) for line in (tmp_path / "chunked" / "quarantine.jsonl").read_text().splitlines()]
+    quarantined = read_quarantine(tmp_path / "chunked" / "quarantine.jsonl")
     assert [q["id"] for q in quarantined] == [too_long]
     assert sorted(chunked) == sorted(i for i in whole if i != too_long)
     for i, row in chunked.items():
