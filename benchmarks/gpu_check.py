@@ -80,7 +80,7 @@ HOST_PACKAGES = ("torch", "transformers", "peft", "pyarrow", "numpy", "sklearn",
 WHEELS = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions")
 # Imported inside functions this script never calls: the image functions (tasks/curate/images.py, vlm.py), and
 # the fan-out over worker processes (tasks/curate/fanout.py): batches here go through extract's _compute directly.
-UNUSED_LAZY = ("PIL", "distributed", "psutil")
+UNUSED_LAZY = ("PIL", "dask", "distributed", "psutil")
 
 # Public configurations (the models' config.json), randomly initialised: the speed depends on the shape only.
 SHAPES = {
