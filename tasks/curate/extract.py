@@ -314,12 +314,17 @@ def _pack_cache(root: str) -> PackCache:
 
 
 def load_model(model: str, device: str, projected: ProjectedSpec | None = None) -> ProxyModel:
-    """The model, loaded once per process (a Dask worker keeps it across shards)."""
-    return _load_model(model, device, projected)  # one cache key however the caller spells the default
+    """The model, loaded once per process (a worker keeps it across shards) and again when the directory holds
+    another model (its identity: a long-lived remote worker must not score a rebuilt outputs/model with the old)."""
+    try:
+        identity = model_identity(Path(model))
+    except FileNotFoundError:
+        identity = None
+    return _load_model(model, device, projected, identity)  # one cache key however the caller spells the default
 
 
 @functools.lru_cache(maxsize=1)
-def _load_model(model: str, device: str, projected: ProjectedSpec | None) -> ProxyModel:
+def _load_model(model: str, device: str, projected: ProjectedSpec | None, identity: str | None) -> ProxyModel:
     if is_vlm_dir(Path(model)):  # a vision-language scorer (tasks/curate/vlm.py)
         if projected is not None:
             raise ParamsError("extract.projected: not available for a vision-language scorer; set it to false")
@@ -482,8 +487,7 @@ def finalize(out_dir: Path, specs: list[ShardSpec], runs: list[ShardRun], worker
     for stale in shards.glob("*part-*"):
         if stale.name.startswith(".") or stale.name.split(".")[0] not in planned:
             stale.unlink()  # an interrupted write's temp file, or a shard of an earlier, longer plan
-    # a killed run's temp copies of the summaries (finalize runs only under the output's lock: extract, or the
-    # flow's extract_sharded)
+    # a killed run's temp copies of the summaries (finalize runs only under extract's output lock)
     remove_stale_staging(out_dir, ["stats.json", "quarantine.jsonl", "metrics.json"])
     ledger = StageLedger("extract")
     totals = {"loss_tokens": 0, "prompt_tokens_truncated": 0}

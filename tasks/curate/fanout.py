@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -56,13 +57,16 @@ def visible_gpus(device: str) -> list[str]:
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, as taskset and cgroup cpusets set it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may use: its affinity mask and a container's CPU quota (dask.system reads both)."""
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT
 
 
 def worker_bytes(model: Path) -> int:
     """What one worker holds: the process, and the model's weights with a batch's buffers."""
-    weights = sum(path.stat().st_size for path in Path(model).glob("*.safetensors"))
+    weights = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin", "*.pt")
+                  for path in Path(model).glob(pattern))
     return WORKER_BASE_BYTES + MODEL_COPIES * weights
 
 
@@ -100,7 +104,9 @@ def cluster_spec(n_workers: int, gpus: list[str]) -> dict:
     spread = len(gpus) > 1
 
     def worker(i: int) -> dict:
-        options = {"nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.WARNING}
+        # memory_limit 0: count_workers has sized the pool; Dask's own limit (RAM / cores per worker) would
+        # pause or kill a worker holding a model bigger than that share, where one process would have worked
+        options = {"nthreads": 1, "host": "127.0.0.1", "silence_logs": logging.WARNING, "memory_limit": 0}
         if spread:  # the Nanny sets env before the worker process starts, so before CUDA does
             options["env"] = {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
         return {"cls": "distributed.Nanny", "options": options}
@@ -114,22 +120,26 @@ def cluster_spec(n_workers: int, gpus: list[str]) -> dict:
 # it also pins glibc's mmap threshold at 128 KiB, so every activation tensor of a forward pass is mmapped,
 # page-faulted in and unmapped again: extract ran 18% slower with it (85 s -> 100 s model time on 128 traces,
 # one process, the default model). Our workers hold one model and a batch, not a growing heap: leave it unset.
-# A Nanny also writes the variable into its own (this) process's environment before spawning, where every later
-# worker would inherit it: unless the user had set it before this module was imported, it is dropped again.
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 @contextlib.contextmanager
 def local_cluster(n_workers: int, gpus: list[str]) -> Iterator[Any]:
-    """A SpecCluster of cluster_spec's workers on this machine, started under WORKER_CONFIG."""
+    """A SpecCluster of cluster_spec's workers on this machine, started under WORKER_CONFIG.
+
+    A Nanny writes its workers' pre-spawn variables (OMP_NUM_THREADS=1, ...) into this process's own
+    environment before spawning; the environment is put back as it was when the cluster closes, so later
+    subprocesses of a long-lived flow, and later clusters, do not inherit them."""
     import dask
     from distributed import SpecCluster
 
-    if USER_MALLOC_TRIM is None:
-        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set(WORKER_CONFIG), SpecCluster(**cluster_spec(n_workers, gpus)) as cluster:
-        yield cluster
+    environment = dict(os.environ)
+    try:
+        with dask.config.set(WORKER_CONFIG), SpecCluster(**cluster_spec(n_workers, gpus)) as cluster:
+            yield cluster
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 @contextlib.contextmanager
@@ -171,14 +181,22 @@ class QueueProgress:
             self.queue.put(n)
 
 
+# One unit at a time per worker process: a remote `dask worker` runs one task per thread (its default is one per
+# core), but a forward pass sets the process's torch thread count for its duration (proxy.fixed_threads), so
+# units in threads of one process would change each other's numbers, and each load its own model copy.
+UNIT_LOCK = threading.Lock()
+
+
 def _run_unit(function: Callable, unit: Any, queue_name: str, args: tuple, kwargs: dict) -> Any:
-    return function(unit, *args, progress=QueueProgress(queue_name), **kwargs)
+    with UNIT_LOCK:
+        return function(unit, *args, progress=QueueProgress(queue_name), **kwargs)
 
 
 def map_units(client: Any, function: Callable, units: Sequence, progress: Any, *args: Any, **kwargs: Any) -> list:
     """function(unit, *args, progress=..., **kwargs) for every unit on the client's workers, results in
     units order; the workers' progress counts go to `progress` while they run. A unit whose worker was
-    lost (pre-empted, OOM-killed) runs once more: a unit writes its files atomically, so that is safe."""
+    lost (pre-empted, OOM-killed) is run again by Dask itself (distributed.scheduler.allowed-failures): a
+    unit writes its files atomically, so that is safe. A unit's own error is not retried: it is raised here."""
     from distributed import Queue
 
     queue_name = f"grace-progress-{uuid.uuid4().hex}"
@@ -188,8 +206,7 @@ def map_units(client: Any, function: Callable, units: Sequence, progress: Any, *
         while queue.qsize():
             progress.update(sum(queue.get(batch=True)))
 
-    futures = [client.submit(_run_unit, function, unit, queue_name, args, kwargs, pure=False, retries=1)
-               for unit in units]
+    futures = [client.submit(_run_unit, function, unit, queue_name, args, kwargs, pure=False) for unit in units]
     try:
         while not all(future.done() for future in futures):
             time.sleep(POLL_SECONDS)
@@ -200,7 +217,8 @@ def map_units(client: Any, function: Callable, units: Sequence, progress: Any, *
         results = [future.result() for future in futures]
         drain()
         return results
-    finally:
-        client.cancel(futures)
+    finally:  # on an error or Ctrl-C: what has not started never will (a local cluster's close stops the rest)
+        with contextlib.suppress(Exception):
+            client.cancel(futures)
         with contextlib.suppress(Exception):
             queue.close()

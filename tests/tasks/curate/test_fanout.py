@@ -40,14 +40,17 @@ def settings(**overrides) -> Params:
     return dataclasses.replace(Params(), device="cpu", shard_size=3, max_length=120, cache_dir=None, **overrides)
 
 
-def run_extract_cli(tmp_path: Path, segments: Path, model: Path, out_dir: Path, **overrides) -> subprocess.CompletedProcess:
-    """`python -m tasks.curate.extract` as dvc.yaml runs it, with the extract section `overrides` changes."""
+def run_extract_cli(tmp_path: Path, segments: Path, model: Path, out_dir: Path, cwd: Path = REPO,
+                    **overrides) -> subprocess.CompletedProcess:
+    """`python -m tasks.curate.extract` as dvc.yaml runs it, from `cwd` (paths may be relative to it), with the
+    extract section `overrides` changes."""
     params_file = tmp_path / f"params-{out_dir.name}.yaml"
     params_file.write_text(yaml.safe_dump({"extract": {**dataclasses.asdict(settings()), **overrides}}))
     return subprocess.run(
         [sys.executable, "-m", "tasks.curate.extract", "--params", str(params_file), "--segments", str(segments),
-         "--model", str(model), "--out-dir", str(out_dir)], cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "GRACE_PROGRESS": "log", "GRACE_PROGRESS_SECONDS": "0", "HF_HUB_OFFLINE": "1"})
+         "--model", str(model), "--out-dir", str(out_dir)], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "GRACE_PROGRESS": "log", "GRACE_PROGRESS_SECONDS": "0",
+             "HF_HUB_OFFLINE": "1"})
 
 
 def test_workers_auto_is_the_default():
@@ -170,25 +173,30 @@ def test_cli_on_two_workers_writes_the_bytes_of_one_process(tmp_path, segments, 
 
 
 def test_cli_on_a_running_dask_scheduler_and_worker(tmp_path, segments, tiny_model_dir):
-    """extract.scheduler_address under the CLI: a real `dask scheduler` and `dask worker` pair, started here."""
+    """extract.scheduler_address under the CLI: a real `dask scheduler` and `dask worker` pair, started here. The
+    worker runs two threads in another working directory; the stage is given relative paths and a relative
+    cache: the worker must get them absolute (and, with two threads, runs one shard at a time: fanout.UNIT_LOCK)."""
     extract(segments, tiny_model_dir, tmp_path / "in_process", settings(workers=0))
     scheduler_file = tmp_path / "scheduler.json"
     dask = str(Path(sys.executable).with_name("dask"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # the worker imports the stage's code, as a cluster's must
+    elsewhere = tmp_path / "worker_home"
+    elsewhere.mkdir()
     started = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--no-dashboard", "--scheduler-file",
-                                 str(scheduler_file)], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)]
+                                 str(scheduler_file)], cwd=elsewhere, env=env, stderr=subprocess.DEVNULL)]
     try:
         deadline = time.monotonic() + 120
         while not scheduler_file.exists():
             assert time.monotonic() < deadline and started[0].poll() is None, "the dask scheduler did not start"
             time.sleep(0.5)
-        started.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                                         "--no-dashboard", "--host", "127.0.0.1"], cwd=tmp_path, env=env,
+        started.append(subprocess.Popen([dask, "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "2",
+                                         "--no-dashboard", "--host", "127.0.0.1"], cwd=elsewhere, env=env,
                                         stderr=subprocess.DEVNULL))
         address = json.loads(scheduler_file.read_text())["address"]
         with Client(address, timeout=120) as client:
             client.wait_for_workers(1, timeout=120)
-        done = run_extract_cli(tmp_path, segments, tiny_model_dir, tmp_path / "remote", scheduler_address=address)
+        done = run_extract_cli(tmp_path, Path(segments.name), Path(os.path.relpath(tiny_model_dir, tmp_path)),
+                               Path("remote"), cwd=tmp_path, scheduler_address=address, cache_dir="cache")
     finally:
         for process in reversed(started):
             process.terminate()
@@ -197,6 +205,7 @@ def test_cli_on_a_running_dask_scheduler_and_worker(tmp_path, segments, tiny_mod
     assert f"extract: 3 units on the Dask scheduler at {address}" in done.stderr
     assert json.loads((tmp_path / "remote" / "stats.json").read_text())["workers"] == 1
     assert output_bytes(tmp_path / "in_process") == output_bytes(tmp_path / "remote")
+    assert list((tmp_path / "cache").glob("*.parquet")) and not (elsewhere / "cache").exists()
 
 
 def test_unconditional_on_two_workers_matches_in_process(tmp_path, segments, tiny_model_dir):
@@ -229,3 +238,17 @@ def test_the_default_fans_a_pool_out_over_every_core_with_the_bytes_of_one_proce
     if workers > 1:
         assert f"extract: 3 units on {workers} worker processes" in done.stderr
     assert output_bytes(tmp_path / "in_process") == output_bytes(tmp_path / "auto")
+
+
+def test_a_long_lived_worker_loads_the_model_again_when_the_directory_holds_another(tmp_path, tiny_model_dir):
+    """A remote worker outlives a run: a rebuilt outputs/model (another identity) must not be scored with the old."""
+    import shutil
+
+    from tasks.curate.extract import load_model
+
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    first = load_model(str(model_dir), "cpu")
+    assert load_model(str(model_dir), "cpu") is first
+    info = json.loads((model_dir / "model_info.json").read_text())
+    (model_dir / "model_info.json").write_text(json.dumps({**info, "identity": "rebuilt"}))
+    assert load_model(str(model_dir), "cpu") is not first
